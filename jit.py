@@ -63,12 +63,14 @@ CONFIGS = {
 }
 IN_CONTEXT_LEN = 32  # number of in-context class tokens (paper §4, "in-context class conditioning")
 
-# What `--data NAME` means when NAME is not a folder: image size and the training defaults we use for it.
-# Every value can be overridden on the command line. blr = base lr per 256 images (lr = blr * batch / 256).
+# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
+# the command line. blr = base lr per 256 images (lr = blr * batch / 256, paper §4).
+# DIFF: for the built-in shapes demo we use blr 4e-4 (lr 2e-4 at batch 128, the paper's ImageNet lr at batch 1024)
+# so a 10k-step run moves visibly; ffhq128 and imagenet keep the paper's blr 5e-5.
 DATA_PRESETS = {
     "shapes": dict(img_size=64, config="JiT-S", patch_size=8, batch_size=128, steps=10_000, blr=4e-4,
                    sample_every=1000, ckpt_every=1000),
-    "ffhq128": dict(img_size=128, config="JiT-B/16", batch_size=128, steps=200_000, blr=1e-4,
+    "ffhq128": dict(img_size=128, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
                     sample_every=5000, ckpt_every=5000),
     "imagenet": dict(img_size=256, config="JiT-B/16", batch_size=1024, steps=750_000, blr=5e-5,
                      sample_every=10_000, ckpt_every=10_000),  # 600 epochs at batch 1024 = 750k steps
@@ -268,8 +270,8 @@ class JiT(nn.Module):
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = nn.Embedding(num_classes + 1, width)             # row num_classes = null label (CFG)
         self.x_embedder = BottleneckPatchEmbed(patch, bottleneck, width)
-        # The official code keeps pos_embed as a frozen nn.Parameter; a non-persistent buffer is the same tensor,
-        # is rebuilt from the config on load, and is not counted as a parameter.
+        # DIFF: the official code keeps pos_embed as a frozen nn.Parameter; we use a non-persistent buffer: the
+        # same fixed tensor, rebuilt from the config on load, not in the optimizer, not counted as a parameter.
         self.register_buffer("pos_embed", sincos_pos_embed(width, h)[None], persistent=False)  # (1, N, D)
         self.in_context_posemb = nn.Parameter(torch.zeros(1, IN_CONTEXT_LEN, width))
         # RoPE tables: one for the image tokens alone, one with the 32 in-context tokens in front (no rotation).
@@ -441,7 +443,9 @@ def sampler_defaults(config, img_size):
 def velocity(model, z, t, y, cfg, interval):
     """v(z, t) with classifier-free guidance in v-space: v_u + w * (v_c - v_u), applied only when
     interval[0] < t < interval[1] (strict, as the official code). t is a python float (the same for the batch).
-    Inside the interval cond and uncond run as ONE batched forward; outside it only the conditional half runs."""
+    Inside the interval cond and uncond run as ONE batched forward.
+    DIFF: the official code always runs both halves and multiplies by a scale of 1 outside the interval; we skip
+    the unconditional half there: the same result, ~10% fewer network evaluations with interval (0.1, 1)."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
     if cfg != 1.0 and interval[0] < t < interval[1]:
