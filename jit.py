@@ -71,7 +71,7 @@ DATA_PRESETS = {
     "shapes": dict(img_size=64, config="JiT-S", patch_size=8, batch_size=128, steps=10_000, blr=4e-4,
                    sample_every=1000, ckpt_every=1000),
     "ffhq128": dict(img_size=128, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
-                    sample_every=5000, ckpt_every=5000),
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
     "imagenet": dict(img_size=256, config="JiT-B/16", batch_size=1024, steps=750_000, blr=5e-5,
                      sample_every=10_000, ckpt_every=10_000),  # 600 epochs at batch 1024 = 750k steps
 }
@@ -814,8 +814,8 @@ def get_args(argv=None, ckpt=None):
 
     saved = ckpt["args"] if ckpt else {}
     data = args.data or saved.get("data") or "shapes"
-    preset = DATA_PRESETS.get(data, FOLDER_DEFAULTS) if not Path(data).is_dir() else FOLDER_DEFAULTS
-    defaults = dict(data="shapes", img_size=256, config="JiT-B/16", patch_size=None, unconditional=data == "ffhq128",
+    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
+    defaults = dict(data="shapes", img_size=256, config="JiT-B/16", patch_size=None, unconditional=False,
                     flip=True, pred="x", loss="v", noise_scale=None, batch_size=128, steps=100_000, lr=None,
                     blr=5e-5, warmup_epochs=5.0, ema=0.9999, out=None, ckpt_every=5000, sample_every=5000,
                     log_every=50, cfg=None, sample_steps=None, compile=None, precision=None,
@@ -824,6 +824,11 @@ def get_args(argv=None, ckpt=None):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, preset.get(key, default)))
     args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
+    args.lr = args.lr or args.blr * args.batch_size / 256               # paper §4 lr scaling rule
+    args.warmup_steps = 0                                               # main() sets it from the dataset size
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
     return args
 
 
@@ -871,8 +876,6 @@ def main(argv=None):
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
     rank, world, device = setup_distributed(args)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
     torch.manual_seed(args.seed + rank)
@@ -885,9 +888,7 @@ def main(argv=None):
     num_classes = len(dataset.classes)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    steps_per_epoch = len(dataset) // args.batch_size
-    args.lr = args.lr or args.blr * args.batch_size / 256                      # paper §4 lr scaling rule
-    args.warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    args.warmup_steps = int(args.warmup_epochs * len(dataset) // args.batch_size)   # paper: 5 epochs
     raw, ema, opt = build(args, num_classes, device)
     step, data_state = 0, {"epoch": 0, "pos": 0}
     if ckpt:

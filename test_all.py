@@ -266,3 +266,49 @@ def test_jit_clear_errors_for_missing_data(tmp_path):
         jit.main(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="unknown --config"):
         jit.main(TINY[2:] + ["--config", "JiT-Z", "--out", str(tmp_path / "r")])
+
+
+# ---- jit.py: the paper's ablation (prediction target x loss space, patch size) ----
+
+PAIRS = [(p, l) for p in ("x", "eps", "v") for l in ("x", "eps", "v")]
+
+
+def test_jit_no_conversion_is_inf_or_nan_at_either_end():
+    z, out = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    for t in (torch.tensor([0.95, 0.99, 1.0]), torch.tensor([0.0, 1e-4, 0.05])):
+        for kind in ("x", "eps", "v"):
+            for convert in (jit.to_x, jit.to_eps, jit.to_v):
+                assert torch.isfinite(convert(kind, out, z, t)).all()
+    # The clamp caps the weight 1/(1-t) at exactly 1/T_EPS = 20 for t >= 1 - T_EPS.
+    ones = torch.ones(1, 1, 1, 1)
+    assert jit.to_v("x", ones, 0 * ones, torch.tensor([0.999])).item() == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("pred,loss", PAIRS)
+def test_jit_every_pred_loss_pair_trains_without_nan(pred, loss):
+    torch.manual_seed(0)
+    args = jit.get_args(TINY + ["--pred", pred, "--loss", loss, "--lr", "1e-3"])
+    args.warmup_steps, args.precision = 0, "fp32"
+    raw, ema, opt = jit.build(args, 8, torch.device("cpu"))
+    assert raw.pred == pred
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    losses = [jit.train_step(raw, ema, opt, x, torch.arange(4), s, args) for s in range(1, 5)]
+    assert all(torch.isfinite(l) for l in losses)
+    assert all(torch.isfinite(p).all() for p in raw.parameters())
+
+
+def test_jit_patch_size_override_and_v_checkpoint_samples_with_v(tmp_path):
+    run = jit.main(TINY + ["--steps", "2", "--batch-size", "4", "--sample-every", "100", "--pred", "v",
+                           "--patch-size", "4", "--out", str(tmp_path / "v")])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["pred"] == "v" and ckpt["model_kwargs"]["patch_size"] == 4
+    model = jit.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema"])
+    assert model.pred == "v" and model.patch == 4 and model.x_embedder.proj1.kernel_size == (4, 4)
+    assert model.pos_embed.shape[1] == (32 // 4) ** 2                       # 64 tokens
+    # The sampler reads the network's output as v for this checkpoint, as x for an x-prediction one.
+    z, t, y = torch.randn(2, 3, 32, 32), 0.5, torch.tensor([1, 2])
+    out = model(z, torch.full((2,), t), y)
+    assert torch.allclose(jit.velocity(model, z, t, y, 1.0, (0.1, 1.0)), out, atol=1e-6)
+    model.pred = "x"
+    assert torch.allclose(jit.velocity(model, z, t, y, 1.0, (0.1, 1.0)), (out - z) / 0.5, atol=1e-5)
