@@ -4,7 +4,7 @@ JiT: "Back to Basics: Let Denoising Generative Models Denoise" (Tianhong Li & Ka
 A plain ViT ("Just image Transformer") on raw pixels with big patches (16 at 256px, 32 at 512px) is trained as a
 flow-matching model, but the network predicts the CLEAN image x, not the noise or the velocity. Clean images lie
 on a low-dimensional manifold; noise does not. A 3*16*16 = 768-dim patch token can represent x with a width-768
-transformer, but not the full-rank noise that eps- or v-prediction must reproduce (paper §3, Fig. 2). The loss is
+transformer, but not the full-rank noise that eps- or v-prediction must reproduce (§4.2, Tab. 2; toy version §3.3, Fig. 2). The loss is
 still taken on velocity ("x-prediction, v-loss", paper Alg. 1), which weights the timesteps well.
 
 Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
@@ -13,7 +13,7 @@ Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*
     python jit.py                                        # built-in "shapes" data, JiT-S, learns in minutes
     python jit.py --data ffhq128                         # FFHQ 128x128 (see README for the download)
     torchrun --nproc_per_node=8 jit.py --data imagenet --config JiT-B/16     # the paper's ImageNet-256 run
-    python jit.py --data ffhq128 --config JiT-S --patch-size 8 --pred v      # one cell of the ablation (§4.1)
+    python jit.py --data ffhq128 --config JiT-S --patch-size 8 --pred v      # one cell of the ablation (§4.2)
     python jit.py --toy                                  # the paper's toy experiment (Fig. 2), CPU, ~1 minute
     python sample.py runs/jit-shapes --grid grid.png     # sample a checkpoint (sample.py)
 
@@ -43,9 +43,9 @@ from tqdm import tqdm
 SCRIPT = "jit"  # written into every checkpoint; sample.py dispatches on it
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 1. Configs (paper Table 7 / §4; official model_jit.py) ----
+# ---- 1. Configs (paper Tab. 9, App. A; parameter counts Tab. 7-8; official model_jit.py) ----
 # ---------------------------------------------------------------------------------------------------------------
-# depth/width/heads: the ViT sizes. bottleneck: width of the linear bottleneck in the patch embed (§3.2).
+# depth/width/heads: the ViT sizes. bottleneck: width of the linear bottleneck in the patch embed (§4.2, Fig. 4).
 # ctx_start: the block before which the 32 in-context class tokens are inserted. drop: dropout in the middle half.
 CONFIGS = {
     "JiT-B/16": dict(depth=12, width=768, heads=12, patch=16, bottleneck=128, ctx_start=4, drop=0.0),    # 131M
@@ -61,10 +61,11 @@ CONFIGS = {
     # For the tests only: one forward+backward at 32px in milliseconds on a CPU.
     "tiny": dict(depth=4, width=64, heads=2, patch=8, bottleneck=16, ctx_start=1, drop=0.0),
 }
-IN_CONTEXT_LEN = 32  # number of in-context class tokens (paper §4, "in-context class conditioning")
+IN_CONTEXT_LEN = 32  # number of in-context class tokens (paper §4.4 and App. A, Tab. 9)
 
 # What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
-# the command line. blr = base lr per 256 images (lr = blr * batch / 256, paper §4).
+# the command line. blr = base lr per 256 images (lr = blr * batch / 256: the official code's rule; the paper's
+# Tab. 9 gives its result, lr 2e-4 at batch 1024).
 # DIFF: for the built-in shapes demo we use blr 4e-4 (lr 2e-4 at batch 128, the paper's ImageNet lr at batch 1024)
 # so a 10k-step run moves visibly; ffhq128 and imagenet keep the paper's blr 5e-5.
 DATA_PRESETS = {
@@ -114,8 +115,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class BottleneckPatchEmbed(nn.Module):
-    """Paper §3.2: a p x p patch (3*p*p values) is linearly projected to a small bottleneck d_b, then up to D.
-    Two linear maps with nothing in between: a low-rank patch embedding, which the paper finds helps (Table 4)."""
+    """Paper §4.2: a p x p patch (3*p*p values) is linearly projected to a small bottleneck d_b, then up to D.
+    Two linear maps with nothing in between: a low-rank patch embedding, which the paper finds helps (Fig. 4:
+    d_b = 128 is best)."""
 
     def __init__(self, p, bottleneck, dim):
         super().__init__()
@@ -251,13 +253,13 @@ def unpatchify(x, p):                                       # (B, N, p*p*C) -> (
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The model (paper §3, Fig. 3) ----
+# ---- 3. The model (paper §4.1 and §4.4, Fig. 3) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class JiT(nn.Module):
     """z (B,3,H,W), t (B,), y (B,) -> the network's prediction (B,3,H,W): the clean image x by default (pred="x").
-    `pred` only labels what the output means (the ablation of §4.1 trains the same network to output eps or v)."""
+    `pred` only labels what the output means (the ablation of §4.2, Tab. 2, trains the same network to output eps or v)."""
 
     def __init__(self, config, img_size, num_classes, depth, width, heads, patch, bottleneck, ctx_start, drop,
                  pred="x", noise_scale=1.0):
@@ -323,12 +325,14 @@ class JiT(nn.Module):
 
 
 def default_noise_scale(img_size):
-    """Paper §4: noise e ~ N(0, s^2 I) with s = 1 at 256px and 2 at 512px (more noise for more pixels)."""
-    return 2.0 if img_size >= 512 else 1.0
+    """Paper App. A / Tab. 9: noise e ~ N(0, s^2 I) with s = 1.0 x image_size / 256 (1 at 256px, 2 at 512px, 4 at
+    1024px: more noise for more, more correlated pixels). The paper has no size below 256; there we keep s = 1 (the
+    official code's default)."""
+    return max(1.0, img_size / 256)
 
 
 def create_model(config, img_size, num_classes, patch_size=None, pred="x", noise_scale=None):
-    """The JiT of CONFIGS[config]. patch_size overrides the config's patch (ablation §4.1; bottleneck and
+    """The JiT of CONFIGS[config]. patch_size overrides the config's patch (ablation §4.2; bottleneck and
     in-context tokens unchanged); pred says what the output is ("x", "eps" or "v"); noise_scale the std of e."""
     if config not in CONFIGS:
         raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
@@ -340,7 +344,7 @@ def create_model(config, img_size, num_classes, patch_size=None, pred="x", noise
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 4. Flow matching (paper §2 and Alg. 1; official denoiser.py) ----
+# ---- 4. Flow matching (paper §3.1 Eqs. 1-4, Tab. 1, §4.3, Alg. 1; official denoiser.py) ----
 # ---------------------------------------------------------------------------------------------------------------
 # z = t*x + (1-t)*e and v = dz/dt = x - e. From (z, t) and any ONE of x, e, v the other two follow:
 #     from x:  v = (x - z) / (1-t)         e = (z - t*x) / (1-t)
@@ -403,14 +407,15 @@ def v_to_x(v, z, t):
 
 
 def sample_t(n, device, p_mean=P_MEAN, p_std=P_STD):
-    """Logit-normal t (paper §4): sigmoid of N(-0.8, 0.8^2) puts most samples at the noisy half, t < 0.5."""
+    """Logit-normal t (paper §3.1; mu from Tab. 3, sigma App. A): sigmoid of N(-0.8, 0.8^2) puts most samples at
+    the noisy half, t < 0.5."""
     return torch.sigmoid(torch.randn(n, device=device) * p_std + p_mean)
 
 
 def flow_loss(model, x, y, num_classes, pred="x", loss="v", noise_scale=1.0):
     """Paper Alg. 1 (training): x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss.
     The net outputs `pred`; the MSE is taken in the space of `loss` (the default x-pred/v-loss is the paper's;
-    the other 8 pairs are its Table 2). The target is the same conversion applied to the ground truth of what the
+    all 9 pairs are its Tab. 2, conversions Tab. 1). The target is the same conversion applied to the ground truth of what the
     net predicts, so the t_eps clamp acts as a loss weight and a perfect prediction has exactly zero loss."""
     B = x.shape[0]
     t = sample_t(B, x.device)                                           # (B,)
@@ -424,10 +429,11 @@ def flow_loss(model, x, y, num_classes, pred="x", loss="v", noise_scale=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 5. Sampler (paper §4 "Sampling"; official denoiser.py generate()) ----
+# ---- 5. Sampler (paper §3.1, Alg. 2, Tab. 9; official denoiser.py generate()) ----
 # ---------------------------------------------------------------------------------------------------------------
-CFG_SCALES = {  # paper Table 7 / official README: CFG scale per model size at 256px and at 512px
-    256: {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2},   # G: no scale published with the code; we use H's
+CFG_SCALES = {  # official README (evaluation commands): CFG scale per model size at 256px and at 512px. The paper
+    # sweeps [1, 4] per model (App. A) and publishes no table; no scale is published for G at all: we use H's.
+    256: {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2},
     512: {"B": 3.0, "L": 2.5, "H": 2.3, "G": 2.3},
 }
 
@@ -473,7 +479,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     B, H = y.shape[0], model.img_size
     if noise is None:
         noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
-    z = noise.to(dev, torch.float32) * model.noise_scale       # z_0 = e ~ N(0, noise_scale^2): paper §4
+    z = noise.to(dev, torch.float32) * model.noise_scale       # z_0 = e ~ N(0, noise_scale^2): App. A
     ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
     with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
@@ -648,16 +654,17 @@ def batches(loader, data_state):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 7. Training (paper §4 "Training"; official main_jit.py / engine_jit.py) ----
+# ---- 7. Training (paper Tab. 9, App. A; official main_jit.py / engine_jit.py) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
-    DIFF: the official code keeps two EMAs (0.9999 and 0.9996) from step 0; we keep one, with the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (timm / DiT-style). For the paper's 750k-step runs this is the
-    paper's 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random
-    init, and the sample grids would show noise (a reproduction pitfall: LTH14/JiT#42, #56)."""
+    DIFF: the official code keeps two EMAs (0.9999 and 0.9996) from step 0 (the paper picks per model among
+    0.9996/0.9998/0.9999, App. A); we keep one, with the warmup decay_k = min(decay, (1 + k) / (10 + k)) (the
+    num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 750k-step runs this is 0.9999
+    after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random init, and the
+    sample grids would show noise (EMA decay is a known reproduction pitfall: LTH14/JiT#42, #56)."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -678,7 +685,8 @@ def unwrap(model):
 
 
 def lr_at(step, args):
-    """Paper §4: lr = blr * batch / 256, linear warmup over the first epochs (per iteration), then constant."""
+    """lr = blr * batch / 256 (official main_jit.py), linear warmup over 5 epochs (per iteration), then constant
+    (paper Tab. 9)."""
     return args.lr * min(1.0, step / max(1, args.warmup_steps))
 
 
@@ -687,7 +695,8 @@ def build(args, num_classes, device):
     raw = create_model(args.config, args.img_size, num_classes, patch_size=args.patch_size, pred=args.pred,
                        noise_scale=args.noise_scale).to(device)
     ema = EMA(raw, args.ema)
-    # Paper §4: AdamW, betas (0.9, 0.95), no weight decay. fused=True: one kernel for all parameters on CUDA.
+    # Paper Tab. 9: Adam, betas (0.9, 0.95), weight decay 0 (official: AdamW with wd 0, the same thing).
+    # fused=True: one kernel for all parameters on CUDA.
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type == "cuda")
     return raw, ema, opt
@@ -705,7 +714,7 @@ def train_step(model, ema, opt, x, y, step, args):
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
     x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
-    if args.flip:                                                         # random horizontal flip (paper data aug)
+    if args.flip:                                                         # random horizontal flip (official code)
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     raw = unwrap(model)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
@@ -781,21 +790,21 @@ def get_args(argv=None, ckpt=None):
     p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
     p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
     p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
-    p.add_argument("--patch-size", type=int, help="override the config's patch size (ablation §4.1)")
+    p.add_argument("--patch-size", type=int, help="override the config's patch size (ablation §4.2)")
     p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
                    help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default on)")
-    # -- objective (paper Alg. 1, Table 2)
+    # -- objective (paper Alg. 1, Tab. 1-2)
     p.add_argument("--pred", choices=["x", "eps", "v"], help="what the network outputs (paper: x)")
     p.add_argument("--loss", choices=["x", "eps", "v"], help="space the MSE is taken in (paper: v)")
-    p.add_argument("--noise-scale", type=float, help="std of the noise e (paper: 1 at 256px, 2 at 512px)")
+    p.add_argument("--noise-scale", type=float, help="std of the noise e (paper: img_size / 256; 1 below 256px)")
     # -- optimisation
     p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs")
     p.add_argument("--steps", type=int, help="total optimisation steps")
     p.add_argument("--lr", type=float, help="learning rate (default: blr * batch / 256)")
-    p.add_argument("--blr", type=float, help="base learning rate per 256 images (paper: 5e-5)")
+    p.add_argument("--blr", type=float, help="base learning rate per 256 images (official: 5e-5)")
     p.add_argument("--warmup-epochs", type=float, help="linear lr warmup length in epochs (paper: 5)")
-    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
+    p.add_argument("--ema", type=float, help="EMA decay (official: 0.9999), reached after a warmup")
     # -- run folder, logging, sampling
     p.add_argument("--out", help="run folder (default runs/jit-DATA)")
     p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
@@ -824,7 +833,7 @@ def get_args(argv=None, ckpt=None):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, preset.get(key, default)))
     args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
-    args.lr = args.lr or args.blr * args.batch_size / 256               # paper §4 lr scaling rule
+    args.lr = args.lr or args.blr * args.batch_size / 256               # official lr scaling rule
     args.warmup_steps = 0                                               # main() sets it from the dataset size
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
