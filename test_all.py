@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.fft
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import deco
 import jit
 
 torch.set_num_threads(2)
@@ -312,3 +315,397 @@ def test_jit_patch_size_override_and_v_checkpoint_samples_with_v(tmp_path):
     assert torch.allclose(jit.velocity(model, z, t, y, 1.0, (0.1, 1.0)), out, atol=1e-6)
     model.pred = "x"
     assert torch.allclose(jit.velocity(model, z, t, y, 1.0, (0.1, 1.0)), (out - z) / 0.5, atol=1e-5)
+
+
+# =================================================================================================================
+# deco.py
+# =================================================================================================================
+
+DECO_TINY = dict(config="tiny", img_size=32, num_classes=10)
+
+
+def tiny_model(seed=0, randomize=False, **kw):
+    """The tiny config; randomize=True also perturbs the zero-initialised layers so the output is not 0."""
+    torch.manual_seed(seed)
+    m = deco.create_model(DECO_TINY["config"], DECO_TINY["img_size"], DECO_TINY["num_classes"], **kw)
+    if randomize:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(deco.CONFIGS))
+def test_deco_shapes_and_backward_every_config(name):
+    # every config's real width / heads / patch / decoder, with the DiT cut to 1 block to stay fast on CPU
+    p = deco.CONFIGS[name]["patch"]
+    torch.manual_seed(0)
+    m = deco.create_model(name, 2 * p, 5, depth=1, repa_layer=1, repa_dim=8)
+    z, t, y = torch.randn(2, 3, 2 * p, 2 * p), torch.rand(2), torch.tensor([0, 5])
+    v, h = m(z, t, y, repa=True)
+    assert v.shape == z.shape and h.shape == (2, 4, 8)
+    (v - torch.randn_like(v)).square().mean().backward()  # v is 0 at init: only the output layer gets gradient
+    assert m.decoder.linear_out.weight.grad.abs().sum() > 0
+    assert m.decoder.blocks[0].adaLN[1].weight.grad.abs().sum() == 0   # zero-init gate blocks the rest
+
+
+@pytest.mark.parametrize("name,paper", [("DeCo-L/16", 426e6), ("DeCo-XL/16", 682e6)])
+def test_deco_param_counts_match_paper(name, paper):
+    with torch.device("meta"):
+        m = deco.create_model(name, 256, 1000)         # no REPA projector: not part of the official model class
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - paper) / paper < 0.005, n
+    dec = sum(p.numel() for p in m.decoder.parameters())
+    assert 8e6 < dec < 10e6                            # paper: ~8.5M decoder, mostly the H -> 256*32 projection
+
+
+def test_deco_output_exactly_zero_at_init():
+    m = tiny_model()
+    v = m(torch.randn(3, 3, 32, 32), torch.rand(3), torch.tensor([1, 2, 10]))
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+def test_deco_patchify_is_unfold_and_inverts():
+    x = torch.randn(2, 3, 32, 48)
+    xp = deco.patchify(x, 8)
+    assert torch.equal(xp, F.unfold(x, 8, stride=8).transpose(1, 2))   # channel-major, as the official code
+    assert torch.equal(deco.unpatchify(xp, 8, 32, 48), x)
+
+
+def test_deco_rope_pairs_alternate_x_and_y():
+    cos, sin = deco.rope_2d(4, 4, head_dim=8)          # 2 frequencies, pairs (x f0, y f0, x f1, y f1)
+    ang = torch.atan2(sin, cos)
+    pos = torch.linspace(0, 16, 4)
+    token = 1 * 4 + 2                                  # row 1, column 2
+    f1 = 1e4 ** (-4 / 8)
+    expect = torch.tensor([pos[2], pos[1], pos[2] * f1, pos[1] * f1])
+    assert torch.allclose(torch.atan2(torch.sin(expect), torch.cos(expect)), ang[token], atol=1e-5)
+
+
+def test_deco_decoder_never_mixes_pixels_of_different_patches():
+    m = tiny_model(randomize=True)
+    p, N, D = m.patch, (32 // m.patch) ** 2, m.s_embed.out_features
+    zp = torch.randn(2, N, 3 * p * p)
+    s = torch.randn(2, N, D)                           # the DiT condition, held fixed
+    out = m.decoder(zp, s)
+    zp2 = zp.clone()
+    zp2[1, 5] += torch.randn(3 * p * p)                # change only patch 5 of image 1
+    out2 = m.decoder(zp2, s)
+    changed = (out2 - out).abs().amax(-1)              # (B, N)
+    assert changed[1, 5] > 1e-3
+    changed[1, 5] = 0
+    assert torch.equal(changed, torch.zeros_like(changed))
+
+
+def test_deco_decoder_pixel_condition_is_per_pixel():
+    # changing one pixel's noisy value changes only that pixel's output (no mixing inside a patch either)
+    m = tiny_model(randomize=True)
+    z = torch.randn(1, 3, 32, 32)
+    s = torch.randn(1, (32 // m.patch) ** 2, m.s_embed.out_features)   # the DiT condition, held fixed
+    out = deco.unpatchify(m.decoder(deco.patchify(z, m.patch), s), m.patch, 32, 32)
+    z2 = z.clone()
+    z2[0, :, 3, 5] += 1.0
+    out2 = deco.unpatchify(m.decoder(deco.patchify(z2, m.patch), s), m.patch, 32, 32)
+    diff = (out2 - out).abs().sum(1)[0]                # (H, W)
+    assert diff[3, 5] > 1e-4 and diff.sum() == diff[3, 5]
+
+
+# ---- frequency-aware loss --------------------------------------------------------------------------------------
+def test_deco_dct_matrix_orthonormal_and_block_dct_matches_scipy():
+    D = deco.dct_matrix(8)
+    assert torch.allclose(D @ D.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    yy, xx = np.mgrid[0:16, 0:24]
+    img = np.stack([np.sin(0.7 * xx) + 0.1 * yy, np.cos(0.3 * xx * yy), (xx - yy) / 10.0])  # (3, 16, 24)
+    coef = deco.block_dct(torch.tensor(img)[None])[0]  # (3, 2, 3, 8, 8) float64
+    for c in range(3):
+        for i in range(2):
+            for j in range(3):
+                ref = scipy.fft.dctn(img[c, 8 * i: 8 * i + 8, 8 * j: 8 * j + 8], type=2, norm="ortho")
+                np.testing.assert_allclose(coef[c, i, j].numpy(), ref, atol=1e-12)
+
+
+def positions(mask):                                   # {(row, col)} where mask is True
+    return {tuple(i) for i in mask.nonzero().tolist()}
+
+
+def test_deco_quantisation_weights_at_85_match_spec():
+    w = deco.frequency_weights(85)
+    w_y, w_c = w[0], w[1]
+    assert abs(w_y[0, 0] - 2.013) < 1e-3 and abs(w_c[0, 0] - 3.874) < 1e-3
+    assert abs(w_y.max() - 3.355) < 1e-3 and positions(w_y == w_y.max()) == {(0, 1), (0, 2)}
+    assert abs(w_y.min() - 0.280) < 1e-3 and positions(w_y == w_y.min()) == {(6, 5), (6, 6)}
+    base_c = torch.tensor(deco.JPEG_CHROMA)
+    assert torch.allclose(w_c[base_c == 99], torch.tensor(0.646, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(w[1], w[2])                     # Cb and Cr share the chroma table
+    assert torch.allclose(w.mean((1, 2)), torch.ones(3, dtype=torch.float64))
+    # the official code rounds, the paper's Fig. 8 truncates: 16 -> floor(16*30/100 + 0.5) = 5 (not 4), 55 -> 17
+    Q = deco.jpeg_table(deco.JPEG_LUMA, 85)
+    assert Q[0, 0] == 5 and Q[1, 7] == 17
+
+
+def test_deco_frequency_loss_at_quality_100_is_ycbcr_mse():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 16, 24), torch.randn(2, 3, 16, 24)
+    M = torch.tensor(deco.YCBCR)
+    ref = torch.einsum("ck,bkhw->bchw", M, a - b).square().mean()
+    assert torch.allclose(deco.frequency_loss(a, b, quality=100), ref, rtol=1e-5)
+    assert deco.frequency_loss(a, b, quality=85) != pytest.approx(ref.item(), rel=1e-3)
+
+
+def test_deco_frequency_loss_zero_for_identical_and_weights_low_frequencies_more():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 16, 16)
+    assert deco.frequency_loss(a, a.clone()) == 0
+    D = deco.dct_matrix(8).float()
+
+    def pattern(u, v):                                  # one DCT basis image in every block, grey (Y only)
+        E = torch.zeros(8, 8)
+        E[u, v] = 1.0
+        block = D.T @ E @ D                             # inverse DCT: unit energy
+        return block.repeat(2, 2).expand(1, 3, 16, 16).clone()
+    low, high = pattern(0, 1), pattern(7, 7)
+    assert torch.allclose(low.square().sum(), high.square().sum())   # equal energy
+    zero = torch.zeros(1, 3, 16, 16)
+    l_low, l_high = deco.frequency_loss(low, zero), deco.frequency_loss(high, zero)
+    assert l_low > 5 * l_high                           # w_Y[0,1] = 3.355 vs w_Y[7,7] ~ 0.5
+    w = deco.frequency_weights(85)
+    assert l_low.item() == pytest.approx(w[0, 0, 1].item() * 4 / (3 * 4 * 64), rel=1e-5)
+
+
+def test_deco_frequency_loss_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    ref = deco.frequency_loss(a, b)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = deco.frequency_loss(a.bfloat16(), b.bfloat16())
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+# ---- flow matching ---------------------------------------------------------------------------------------------
+def test_deco_x_v_conversions():
+    torch.manual_seed(0)
+    x, e = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 0.7, 0.94], dtype=torch.float64)
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
+    v = x - e
+    assert torch.allclose(deco.v_to_x(v, z, t), x, atol=1e-12)
+    assert torch.allclose(deco.x_to_v(x, z, t), v, atol=1e-12)
+    v1 = deco.x_to_v(x, z, torch.ones(4, dtype=torch.float64))   # t = 1: clamp, no inf/NaN
+    assert torch.isfinite(v1).all() and torch.allclose(v1, (x - z) / 0.05)
+
+
+def test_deco_t_sampler_is_logit_normal_0_1():
+    torch.manual_seed(0)
+    t = deco.sample_t(200_000, "cpu")
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
+
+
+def test_deco_loss_terms_and_label_dropout():
+    m = tiny_model(randomize=True)
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(2)
+    loss, terms = deco.deco_loss(m, x, y, 10, label_drop=0.0, freq_weight=0.7, repa_weight=0.5)
+    assert loss.item() == pytest.approx(terms["mse"].item() + 0.7 * terms["freq"].item(), rel=1e-6)
+    assert terms["repa"] == 0
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    deco.deco_loss(m, x, y, 10, label_drop=1.0)        # every label -> the null class
+    assert torch.equal(seen[-1], torch.full((4,), 10))
+
+
+def stand_in_encoder(patch, dim=deco.REPA_DIM):
+    """A frozen random strided conv: images in [0, 1] -> (B, N, dim), the DINOv2 interface in miniature."""
+    w = torch.randn(dim, 3, patch, patch, generator=torch.Generator().manual_seed(7))
+
+    def encode(x01):
+        assert 0 <= x01.min() and x01.max() <= 1
+        return F.conv2d(x01, w.to(x01.device), stride=patch).flatten(2).transpose(1, 2)
+    return encode
+
+
+def test_deco_repa_loss_zero_when_aligned_and_trains_projector():
+    m = tiny_model(randomize=True, repa_dim=deco.REPA_DIM)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), repa=True)
+    assert deco.repa_loss(h, 3.0 * h.detach()).abs() < 1e-6     # cosine: scale-invariant, aligned -> 0
+    enc = stand_in_encoder(m.patch)
+    loss, terms = deco.deco_loss(m, x, torch.tensor([0, 1]), 10, freq_weight=0.0, repa_weight=1.0, encoder=enc)
+    assert 0 < terms["repa"] < 2 and loss.item() == pytest.approx((terms["mse"] + terms["repa"]).item(), rel=1e-6)
+    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), repa=True)
+    deco.repa_loss(h, enc((x + 1) / 2)).backward()     # the REPA term alone
+    assert m.repa_proj[0].weight.grad.abs().sum() > 0
+    assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0      # block 1 = repa_layer feeds the projector
+    assert m.blocks[1].attn.qkv.weight.grad is None              # later blocks get nothing from REPA
+
+
+def test_deco_load_dinov2_from_a_local_hub_checkout(tmp_path):
+    # a stand-in hub repo (hubconf.py) exercises the real loading path offline: torch.hub.load(path, source="local").
+    # Its tokens report what the network was given: channels 0-2 = per-channel input mean, channel 3 = input height.
+    (tmp_path / "hubconf.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def forward_features(self, x):\n"
+        "        B, C, H, W = x.shape\n"
+        "        tok = torch.zeros(B, (H // 14) * (W // 14), 768)\n"
+        "        tok[..., :3] = x.mean((2, 3))[:, None]\n"
+        "        tok[..., 3] = H\n"
+        "        return {'x_norm_patchtokens': tok}\n"
+        "def dinov2_vitb14():\n"
+        "    return Net()\n")
+    encode = deco.load_dinov2("cpu", 16, path=str(tmp_path))
+    out = encode(torch.full((2, 3, 64, 64), 0.5))
+    assert out.shape == (2, 16, 768) and (out[..., 3] == 56).all()  # 64px, patch 16 -> 56px -> 4 x 4 tokens
+    expect = (0.5 - torch.tensor(deco.IMAGENET_MEAN)) / torch.tensor(deco.IMAGENET_STD)   # ImageNet-normalised
+    assert torch.allclose(out[..., :3], expect.expand(2, 16, 3), atol=1e-5)
+
+
+def test_deco_repa_fails_at_start_with_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="could not load DINOv2"):
+        deco.load_dinov2("cpu", 16, path=str(tmp_path / "no_dinov2_here"))
+    with pytest.raises(SystemExit, match="--dinov2-path"):         # from main(), before any data is read
+        deco.main(["--repa", "--dinov2-path", str(tmp_path / "nope"), "--data", str(tmp_path / "no_data"),
+                   "--device", "cpu", "--out", str(tmp_path / "run")])
+
+
+# ---- sampler ---------------------------------------------------------------------------------------------------
+class PointMass(torch.nn.Module):
+    """Exact velocity of a point mass at x_star on z_t = t*x_star + (1-t)*e: v = (x_star - z)/(1 - t). Records
+    the batch size of every call; with class-dependent x_star CFG becomes checkable."""
+    config, img_size, num_classes = "DeCo-L/16", 8, 3
+
+    def __init__(self):
+        super().__init__()
+        self.x_star = torch.nn.Parameter(torch.rand(4, 3, 8, 8) * 1.6 - 0.8)   # one target per class + null
+        self.calls = []
+
+    def forward(self, z, t, y):
+        self.calls.append((z.shape[0], float(t[0])))
+        return (self.x_star[y] - z) / (1 - t.view(-1, 1, 1, 1))
+
+
+def test_deco_euler_and_heun_are_exact_on_point_mass_and_grid_is_official():
+    m = PointMass()
+    y = torch.tensor([0, 2])
+    for solver in ("euler", "heun"):
+        out = deco.sample(m, y, steps=10, cfg=1.0, solver=solver, noise=torch.randn(2, 3, 8, 8))
+        assert torch.allclose(out, m.x_star[y].detach(), atol=1e-5)
+    grid = deco.sample_grid(100)
+    assert len(grid) == 101 and grid[-1] == 1.0 and grid[-2] == pytest.approx(0.99) and grid[1] == pytest.approx(0.01)
+    m.calls.clear()
+    deco.sample(m, y, steps=10, cfg=1.0, solver="heun")
+    assert len(m.calls) == 10                          # official Heun: corrector reused as the next predictor
+
+
+def test_deco_cfg_batched_only_inside_interval_and_scale_1_is_conditional():
+    m = PointMass()
+    y = torch.tensor([0, 1])
+    noise = torch.randn(2, 3, 8, 8)
+    deco.sample(m, y, steps=20, cfg=3.0, interval=(0.1, 1.0), noise=noise)
+    # t > 0.1: one batched forward of 2B, else B only. The 20-step grid holds t = float32(0.1) exactly: not
+    # guided, as in the official float32 test (a float64 test would guide it).
+    assert [b for b, _ in m.calls] == [2, 2, 2] + [4] * 17 and m.calls[2][1] == np.float32(0.1)
+    m.calls.clear()
+    deco.sample(m, y, steps=10, cfg=1.0, noise=noise)
+    assert {b for b, _ in m.calls} == {2}
+    # CFG on velocity: with all steps guided, the point-mass field extrapolates u + w (c - u) exactly
+    out = deco.sample(m, y, steps=10, cfg=2.0, interval=(-1.0, 1.0), noise=noise)
+    target = (m.x_star[3] + 2.0 * (m.x_star[y] - m.x_star[3])).detach().clamp(-1, 1)
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+def test_deco_sampler_defaults():
+    d = deco.sampler_defaults("DeCo-XL/16", 256)
+    assert d == dict(steps=100, cfg=3.2, interval=(0.1, 1.0), solver="euler")
+    assert deco.sampler_defaults("DeCo-XL/16", 512)["cfg"] == 5.0
+    img = deco.sample(tiny_model(randomize=True), torch.tensor([1, 2, 3]), steps=3)
+    assert img.shape == (3, 3, 32, 32) and img.abs().max() <= 1
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def train_args(tmp_path, *extra):
+    return ["--config", "tiny", "--img-size", "32", "--batch-size", "8", "--device", "cpu", "--num-workers", "0",
+            "--out", str(tmp_path / "run"), "--sample-steps", "2", "--log-every", "1", *extra]
+
+
+def test_deco_overfit_one_batch():
+    # one image, 80 steps: the loss (MSE + L_freq) must fall well below its start (1.99 -> 0.38 on our CPU)
+    args = deco.get_args(["--config", "tiny", "--img-size", "32", "--lr", "3e-3", "--device", "cpu"])
+    torch.manual_seed(0)
+    raw, ema, opt = deco.build(args, 8, torch.device("cpu"))
+    x = deco.Shapes(32)[0][0][None].expand(4, -1, -1, -1).contiguous()     # uint8 (4, 3, 32, 32)
+    y = torch.zeros(4, dtype=torch.long)
+    losses = [deco.train_step(raw, ema, opt, x, y, s, args).item() for s in range(1, 81)]
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5]), losses
+
+
+def test_deco_cli_smoke_run_writes_checkpoint_grid_and_log(tmp_path):
+    run = deco.main(train_args(tmp_path, "--steps", "3"))
+    assert (run / "ckpt.pt").is_file() and (run / "grid_0000003.png").is_file()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) and r["freq"] > 0 for r in log)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["script"] == "deco" and ckpt["step"] == 3 and ckpt["model_kwargs"] == {}
+    assert ckpt["model"].keys() == ckpt["ema"].keys()
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    m = deco.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    m.load_state_dict(ckpt["ema"])                     # what sample.py does
+
+
+def test_deco_cli_repa_with_stand_in_encoder(tmp_path):
+    run = deco.main(train_args(tmp_path, "--steps", "2", "--repa"), encoder=stand_in_encoder(8))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["repa"] < 2 for r in log)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["model_kwargs"] == {"repa_dim": 768} and "repa_proj.0.weight" in ckpt["model"]
+
+
+def test_deco_resume_continues_exactly(tmp_path):
+    # 4 steps in one go == 2 steps, then resume for 2 more: same weights (data position, RNG, optimizer restored)
+    a = deco.main(train_args(tmp_path / "a", "--steps", "4", "--sample-every", "100"))
+    deco.main(train_args(tmp_path / "b", "--steps", "2", "--sample-every", "100"))
+    b = deco.main(train_args(tmp_path / "b", "--steps", "4", "--sample-every", "100", "--resume"))
+    ca, cb = (torch.load(r / "ckpt.pt", weights_only=False) for r in (a, b))
+    assert cb["step"] == 4 and cb["data"] == ca["data"]
+    for k in ca["model"]:
+        assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-6), k
+    la = json.loads((a / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    lb = json.loads((b / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_deco_init_from_a_smaller_resolution_run(tmp_path):
+    # the paper's 512 recipe in miniature: a 32px run's weights continue at 64px (RoPE tables are rebuilt)
+    small = deco.main(train_args(tmp_path / "s", "--steps", "1"))
+    big = deco.main(train_args(tmp_path / "b", "--steps", "1", "--img-size", "64", "--init-from", str(small)))
+    cs, cb = (torch.load(r / "ckpt.pt", weights_only=False) for r in (small, big))
+    assert cb["img_size"] == 64 and cb["step"] == 1
+    k = "decoder.linear_out.weight"                    # (after 1 step only the output layer has moved from init)
+    assert cs["model"][k].abs().sum() > 0 and not torch.equal(cs["model"][k], cb["model"][k])  # trained on from it
+    assert torch.allclose(cs["model"][k], cb["model"][k], atol=1e-3)
+    with pytest.raises(SystemExit, match="--init-from: that run has repa=False"):
+        deco.main(train_args(tmp_path / "c", "--steps", "1", "--repa", "--init-from", str(small)),
+                  encoder=stand_in_encoder(8))
+
+
+def test_deco_refuses_other_scripts_checkpoint_and_other_config(tmp_path):
+    run = deco.main(train_args(tmp_path, "--steps", "1"))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    ckpt["script"] = "jit"
+    torch.save(ckpt, tmp_path / "jit.pt")
+    with pytest.raises(SystemExit, match="checkpoint of jit.py"):
+        deco.main(train_args(tmp_path, "--steps", "2", "--resume", str(tmp_path / "jit.pt")))
+    with pytest.raises(SystemExit, match="img_size"):
+        deco.main(train_args(tmp_path, "--steps", "2", "--resume", "--img-size", "64"))
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        deco.main(train_args(tmp_path, "--steps", "2"))
+
+
+def test_deco_clear_errors_for_missing_data_and_bad_config(tmp_path):
+    with pytest.raises(SystemExit, match="data/ffhq128 not found"):
+        deco.main(train_args(tmp_path, "--data", "ffhq128"))
+    with pytest.raises(SystemExit, match="unknown --config"):
+        deco.main(["--config", "DeCo-B/2", "--device", "cpu", "--out", str(tmp_path / "x")])

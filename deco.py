@@ -1,0 +1,1133 @@
+"""
+DeCo: "DeCo: Frequency-Decoupled Pixel Diffusion for End-to-End Image Generation"
+(Ma, Wei, Wang, Zhang, Tian; arXiv 2511.19365). Official code: Zehong-Ma/DeCo.
+
+The idea in five lines:
+  1. A DiT on 16x16 pixel patches sees only patch tokens, so let it model the LOW frequencies (semantics).
+  2. A tiny attention-free pixel decoder (3 blocks, width 32) runs on EVERY pixel of the noisy image and
+     predicts the velocity, including the HIGH-frequency detail the DiT no longer has to carry.
+  3. The decoder is modulated pixel by pixel (AdaLN) by the DiT output of the pixel's patch.
+  4. Training adds a frequency-aware flow-matching loss: 8x8 block DCT of YCbCr velocities, each frequency weighted
+     by the inverse JPEG quantisation step, so the visually salient frequencies count most.
+  5. REPA (align DiT block 8 with DINOv2 features) as in the paper; Euler 100 steps + CFG for sampling.
+
+Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 noise, t=1 data; the model predicts v = x - e.
+(The paper writes the reversed convention, x_t = (1-t)*x0 + t*x1 with x1 noise; the official code uses ours.)
+Where the paper and the official code disagree we follow the code and say so (time convention, rounding of the
+JPEG tables, decoder normalisation, label dropout of the XL configs).
+
+Shapes: B batch, C=3 channels, H=W image size, p patch (16), N=(H/p)^2 DiT tokens, D DiT width,
+P=p*p pixels per patch, d decoder width (32), K=8 DCT block size.
+
+    python deco.py                                    # built-in shapes data, DeCo-S/8 at 64px, minutes on one GPU
+    python deco.py --data ffhq128                     # FFHQ thumbnails in data/ffhq128, DeCo-L/16
+    torchrun --nproc_per_node=8 deco.py --data imagenet          # the paper's run: DeCo-XL/16, 256px, REPA
+    torchrun --nproc_per_node=8 deco.py --data imagenet --img-size 512 --steps 100000 \
+        --init-from runs/deco-imagenet --out runs/deco-imagenet512   # the paper's 512 model, from the 256 one
+    python sample.py runs/deco-shapes --grid grid.png # sample a checkpoint (sample.py)
+Differences from the official code: grep "DIFF:".
+"""
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+SCRIPT = "deco"
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 1. Configs (paper: experiments / implementation details; official configs_c2i/DeCo_*.yaml) ----
+# ---------------------------------------------------------------------------------------------------------------
+# depth/width/heads: the DiT trunk ("num_cond_blocks", "hidden_size", "num_groups" in the official yaml).
+# dec_depth/dec_width: the pixel decoder (official: num_blocks - num_cond_blocks = 3, hidden_size_x = 32).
+# repa_layer: the DiT block whose output REPA aligns with DINOv2 (official align_layer = 8, 1-based).
+# label_drop: probability of replacing the class by the null class in training (for CFG). The official XL yamls
+#   set null_condition_p 0.2; the L yaml keeps the default 0.1. The paper states 0.1 only.
+CONFIGS = {
+    # paper: 426M params (we count 426.9M: the REPA projector is not part of the model class, as officially)
+    "DeCo-L/16": dict(depth=22, width=1024, heads=16, patch=16, dec_depth=3, dec_width=32, repa_layer=8,
+                      label_drop=0.1),
+    # paper: 682M params (we count 682.3M)
+    "DeCo-XL/16": dict(depth=28, width=1152, heads=16, patch=16, dec_depth=3, dec_width=32, repa_layer=8,
+                       label_drop=0.2),
+    # Ours, not in the paper: DiT-S-sized trunk (12 x 384, as the other scripts' small configs) with patch 8 for
+    # the built-in 64px `shapes` data (8 x 8 tokens), the paper's 3 x 32 decoder, REPA at block 4 (about 1/3 of the
+    # depth, like 8 of 22). 33M params with 8 classes. Learns visibly in minutes on one GPU.
+    "DeCo-S/8": dict(depth=12, width=384, heads=6, patch=8, dec_depth=3, dec_width=32, repa_layer=4,
+                     label_drop=0.1),
+    # Tests only: a forward+backward at 32px takes a few ms on a CPU.
+    "tiny": dict(depth=2, width=64, heads=2, patch=8, dec_depth=2, dec_width=16, repa_layer=1, label_drop=0.1),
+}
+MODEL_KEYS = ("depth", "width", "heads", "patch", "dec_depth", "dec_width", "repa_layer")  # -> DeCo(...)
+
+# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
+# the command line. The paper trains with a constant lr 1e-4 at batch 256.
+# DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly; ffhq128
+# and imagenet keep the paper's 1e-4.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="DeCo-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    # the paper's ImageNet-256 run: XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2)
+    "imagenet": dict(img_size=256, config="DeCo-XL/16", batch_size=256, steps=1_600_000, lr=1e-4, repa=True,
+                     sample_every=10_000, ckpt_every=10_000),
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 2. Building blocks of the DiT trunk (identical to PixNerd's, which DeCo forks) ----
+# ---------------------------------------------------------------------------------------------------------------
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift (DiT)."""
+    return x * (1 + scale) + shift
+
+
+def patchify(x, p):                                   # (B, C, H, W) -> (B, N, C*p*p)
+    """Channel-major patches, the layout of F.unfold (official code): feature index = c*p*p + i*p + j."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)         # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                   # (B, h, w, C, p, p): channel slowest
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, H, W):                           # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
+    B, N, _ = x.shape
+    x = x.reshape(B, H // p, W // p, -1, p, p)        # (B, h, w, C, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)                   # (B, C, h, p, w, p)
+    return x.reshape(B, -1, H, W)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain, eps 1e-6, normalised in fp32 (official LlamaRMSNorm)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x_norm = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps), in fp32
+        return self.weight * x_norm.to(x.dtype)       # back to the input dtype, then the gain (official order)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> 256 sinusoids [cos | sin] with max_period 10 (not DiT's 10000: t is not in [0, 1000])
+    -> MLP 256 -> D -> D with SiLU."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10.0):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                             # (B,) -> (B, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # (half,)
+        args = t.float()[:, None] * freqs[None]       # (B, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def rope_2d(h, w, head_dim, theta=1e4, scale=16.0):  # -> cos, sin: (N, head_dim/2)
+    """2D RoPE angles of the official code. Positions are linspace(0, 16, n) along each axis (so the grid spans
+    [0, 16] at ANY resolution), frequencies theta^(-4k/head_dim), k < head_dim/4. Channel pairs alternate axes:
+    pair 2k (channels 4k, 4k+1) rotates with x, pair 2k+1 (channels 4k+2, 4k+3) with y."""
+    freqs = theta ** (-torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim)  # (head_dim/4,)
+    y, x = torch.meshgrid(torch.linspace(0, scale, h), torch.linspace(0, scale, w), indexing="ij")  # (h, w)
+    ax = x.reshape(-1, 1) * freqs                     # (N, head_dim/4) x angles
+    ay = y.reshape(-1, 1) * freqs                     # (N, head_dim/4) y angles
+    ang = torch.stack([ax, ay], dim=-1).reshape(h * w, head_dim // 2)  # (N, head_dim/2): x, y, x, y, ...
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(q, cos, sin):                          # q (B, heads, N, hd), cos/sin (N, hd/2)
+    """Rotate each channel pair (2i, 2i+1) as the complex number q[2i] + i*q[2i+1], in fp32 (official)."""
+    qf = q.float().unflatten(-1, (-1, 2))             # (B, heads, N, hd/2, 2)
+    q0, q1 = qf[..., 0], qf[..., 1]                   # (B, heads, N, hd/2) each
+    out = torch.stack([q0 * cos - q1 * sin, q0 * sin + q1 * cos], dim=-1)
+    return out.flatten(-2).type_as(q)                 # (B, heads, N, hd)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, per-head qk-RMSNorm, then 2D RoPE, proj with bias."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):                   # (B, N, D) -> (B, N, D)
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)           # 3 x (B, heads, N, hd)
+        q = apply_rope(self.q_norm(q), cos, sin)      # norm THEN rope (official order)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, heads, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP without biases; hidden = int(2/3 * 4D) (LLaMA; official FeedForward)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)               # 2730 for D=1024, 3072 for D=1152
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DiTBlock(nn.Module):
+    """Pre-RMSNorm transformer block with adaLN (shift, scale, gate for attention, then for the MLP).
+    Note: the official code keeps PyTorch's default init here; adaLN is NOT zero-initialised."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = SwiGLU(dim)
+        self.adaLN = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, cos, sin):                # x (B, N, D), c (B, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x (B, 1, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 3. The pixel decoder (paper: method, "pixel decoder"; official SimpleMLPAdaLN + NerfEmbedder) ----
+# ---------------------------------------------------------------------------------------------------------------
+# The decoder is the point of the paper. Step by step, for each of the N patches (all B*N patches at once):
+#   a. Every pixel becomes a token: its noisy RGB value plus 64 patch-local "DCT" position features (the cosine
+#      basis below; it tells the pixel where it sits inside its patch) -> Linear(67 -> d) -> Linear(d -> d).
+#   b. The DiT output of the patch, s (one D-vector), is "up-sampled" by ONE linear map D -> P*d and cut into
+#      P vectors of width d: every pixel gets its own condition vector (paper: "upsampled to pixel resolution").
+#   c. 3 attention-free blocks, each a per-pixel MLP with per-pixel AdaLN from that condition:
+#         (shift, scale, gate) = Linear(d -> 3d)(SiLU(cond_pixel))
+#         x = x + gate * MLP(LayerNorm(x) * (1 + scale) + shift),   MLP = Linear(d, d), SiLU, Linear(d, d)
+#   d. LayerNorm (no affine) -> Linear(d -> 3) gives the pixel's velocity; fold the patches back into the image.
+# No operation mixes pixels: every op is per pixel except (b), which only reads the pixel's own patch token.
+# So pixels of different patches never interact inside the decoder (tested), and the decoder costs ~7 GFLOPs per
+# 256px image. The official yaml's decoder "patch_size" only sizes step (b) (Zehong-Ma/DeCo#1, #6).
+def dct_position_features(p, max_freqs=8):            # -> (P, max_freqs^2)
+    """PixNerd's patch-local cosine features: local coordinates linspace(0, 1, p), frequencies
+    linspace(0, 8, 8) (not integers: 0, 8/7, 16/7, ... 8, as officially), feature[fx*8 + fy] =
+    cos(pi*x*fx) * cos(pi*y*fy) / (1 + fx*fy). Pixel order = row-major inside the patch, as patchify."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, p), torch.linspace(0, 1, p), indexing="ij")  # (p, p)
+    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)   # (P, 1, 1)
+    f = torch.linspace(0, max_freqs, max_freqs)
+    fx, fy = f[None, :, None], f[None, None, :]       # (1, 8, 1), (1, 1, 8)
+    feat = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)  # (P, 8, 8)
+    return feat.reshape(p * p, max_freqs ** 2)
+
+
+class DecoderBlock(nn.Module):
+    """Attention-free residual MLP block with per-pixel AdaLN (official ResBlock)."""
+
+    def __init__(self, d):
+        super().__init__()
+        # Paper vs code: we follow the code's normalisation, a LayerNorm (eps 1e-6, with affine) before the AdaLN.
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
+
+    def forward(self, x, cond):                       # x, cond: (B, N, P, d)
+        shift, scale, gate = self.adaLN(cond).chunk(3, dim=-1)  # 3 x (B, N, P, d): one set PER PIXEL
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+
+class PixelDecoder(nn.Module):
+    def __init__(self, D, p, d, depth, in_ch=3, max_freqs=8):
+        super().__init__()
+        self.p, self.d = p, d
+        self.register_buffer("pos", dct_position_features(p, max_freqs), persistent=False)  # (P, 64)
+        self.x_embed = nn.Linear(in_ch + max_freqs ** 2, d)  # 67 -> d (official NerfEmbedder; default init)
+        self.input_proj = nn.Linear(d, d)
+        self.cond_embed = nn.Linear(D, p * p * d)      # the "up-sampling" of step (b): D -> P*d
+        self.blocks = nn.ModuleList([DecoderBlock(d) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.linear_out = nn.Linear(d, in_ch)
+
+    def forward(self, zp, s):                         # zp (B, N, C*P) noisy patches, s (B, N, D) -> (B, N, C*P)
+        B, N, CP = zp.shape
+        P = self.p * self.p
+        C = CP // P
+        x = zp.reshape(B, N, C, P).transpose(2, 3)     # (B, N, P, C): one RGB token per pixel
+        # (a) x_embed(concat[rgb, pos]) written as W_rgb @ rgb + (W_pos @ pos + b): the same Linear(67 -> d) and
+        # the same weights, without materialising a (B, N, P, 67) concat (the position half is (P, d), shared).
+        W = self.x_embed.weight                        # (d, C + 64)
+        x = F.linear(x, W[:, :C]) + F.linear(self.pos, W[:, C:], self.x_embed.bias)  # (B, N, P, d)
+        x = self.input_proj(x)                                           # (B, N, P, d)
+        cond = self.cond_embed(s).reshape(B, N, P, self.d)               # (b) (B, N, P, d)
+        for block in self.blocks:                                        # (c)
+            x = block(x, cond)                                           # (B, N, P, d)
+        x = self.linear_out(self.norm_out(x))                            # (d) (B, N, P, C)
+        return x.transpose(2, 3).reshape(B, N, CP)                       # (B, N, C*P) channel-major
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 4. The model: DiT trunk on patches -> pixel decoder (paper: method overview) ----
+# ---------------------------------------------------------------------------------------------------------------
+class DeCo(nn.Module):
+    def __init__(self, config, img_size, num_classes, depth, width, heads, patch, dec_depth, dec_width,
+                 repa_layer, repa_dim=0, in_ch=3):
+        super().__init__()
+        self.config, self.img_size, self.num_classes = config, img_size, num_classes
+        self.patch, self.repa_layer = patch, repa_layer
+        D = width
+        self.s_embed = nn.Linear(in_ch * patch * patch, D)  # patch embedding (official "s_embedder")
+        self.t_embed = TimestepEmbedder(D)
+        self.y_embed = nn.Embedding(num_classes + 1, D)     # row num_classes = null class (CFG)
+        self.blocks = nn.ModuleList([DiTBlock(D, heads) for _ in range(depth)])
+        # No final layer on the DiT: its last hidden state conditions the decoder directly.
+        self.decoder = PixelDecoder(D, patch, dec_width, dec_depth, in_ch)
+        cos, sin = rope_2d(img_size // patch, img_size // patch, D // heads)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (N, hd/2), rebuilt from img_size, not saved
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # REPA projector H -> H -> H -> repa_dim (768 for DINOv2 ViT-B) with SiLU, only when training with REPA.
+        # DIFF: the official code keeps the projector in the trainer, outside the model; we keep it in the model
+        # (only when repa_dim > 0, recorded in the checkpoint's model_kwargs) so one optimizer, one DDP wrapper
+        # and one state dict cover it. It is never used for sampling and not counted in the param tests.
+        self.repa_proj = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU(),
+                                       nn.Linear(D, repa_dim)) if repa_dim > 0 else None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Trunk (official PixNerDiT.initialize_weights): patch embed xavier + zero bias, class table and the
+        # t-MLP weights N(0, 0.02) (their biases keep PyTorch's default); everything else, the DiT blocks
+        # included, keeps PyTorch's default init.
+        nn.init.xavier_uniform_(self.s_embed.weight)
+        nn.init.zeros_(self.s_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        # Decoder (official SimpleMLPAdaLN.initialize_weights): xavier + zero bias for its Linears, except the
+        # 67 -> d embedding (outside dec_net officially: PyTorch default); zero AdaLN and output Linear, so the
+        # model output is exactly 0 at init.
+        dec = self.decoder
+        for m in [dec.input_proj, dec.cond_embed, *[b.mlp[i] for b in dec.blocks for i in (0, 2)]]:
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        for m in [*[b.adaLN[1] for b in dec.blocks], dec.linear_out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, z, t, y, repa=False):
+        """z (B, C, H, W) noisy image, t (B,) in [0, 1], y (B,) class (num_classes = null) -> v (B, C, H, W).
+        With repa=True also returns the projected block-`repa_layer` tokens (B, N, repa_dim) for REPA."""
+        B, C, H, W = z.shape
+        zp = patchify(z, self.patch)                   # (B, N, C*p*p)
+        t_emb = self.t_embed(t)[:, None]               # (B, 1, D)
+        c = F.silu(t_emb + self.y_embed(y)[:, None])   # (B, 1, D) condition of the DiT blocks
+        s = self.s_embed(zp)                           # (B, N, D)
+        h = None
+        for i, block in enumerate(self.blocks):
+            s = block(s, c, self.rope_cos, self.rope_sin)  # (B, N, D)
+            if i + 1 == self.repa_layer:
+                h = s                                  # REPA taps the OUTPUT of block repa_layer (1-based)
+        s = F.silu(t_emb + s)                          # (B, N, D) decoder condition: t again, no class term
+        v = unpatchify(self.decoder(zp, s), self.patch, H, W)  # (B, C, H, W)
+        if repa:
+            return v, self.repa_proj(h)                # (B, C, H, W), (B, N, repa_dim)
+        return v
+
+
+def create_model(config, img_size, num_classes, **overrides):
+    """DeCo model of a named config. overrides: any key of DeCo(...) (e.g. repa_dim=768 for REPA training)."""
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown --config {config!r}; choose one of {', '.join(CONFIGS)}")
+    kw = {k: CONFIGS[config][k] for k in MODEL_KEYS}
+    kw.update(overrides)
+    p = kw["patch"]
+    if img_size % p:
+        raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {p} of {config}")
+    return DeCo(config, img_size, num_classes, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 5. Flow matching: t sampler, x <-> v, the frequency-aware loss, REPA (paper: method) ----
+# ---------------------------------------------------------------------------------------------------------------
+# z_t = t*x + (1-t)*e, t=0 noise, t=1 data; target v = dz/dt = x - e (official LinearScheduler).
+T_EPS = 0.05  # clamp of (1 - t) in x_to_v only; DeCo itself predicts v and never divides by (1 - t)
+
+
+def sample_t(n, device):
+    """t = sigmoid(N(0, 1)): logit-normal with mean 0, std 1, no shift (official lognorm_t=True)."""
+    return torch.randn(n, device=device).sigmoid()
+
+
+def v_to_x(v, z, t):
+    """x = z_t + (1 - t) v: exact (the clean-image estimate implied by a velocity)."""
+    return z + (1 - t.view(-1, 1, 1, 1)) * v
+
+
+def x_to_v(x_pred, z, t):
+    """v = (x - z_t) / (1 - t), with (1 - t) clamped at 0.05 as in JiT so t -> 1 gives no inf/NaN.
+    Not used by DeCo's loss or sampler (the model predicts v directly); kept for the shared interface."""
+    return (x_pred - z) / (1 - t.view(-1, 1, 1, 1)).clamp_min(T_EPS)
+
+
+# ---- The frequency-aware flow-matching loss (paper: method; official training_repa_DeCo.py) ----
+# L_freq = E[ w * (DCT(YCbCr(v_pred)) - DCT(YCbCr(v)))^2 ]
+#   YCbCr: Y = .299R + .587G + .114B, Cb = -.168736R - .331264G + .5B, Cr = .5R - .418688G - .081312B (JPEG,
+#          no +128 offsets: they cancel in a difference anyway).
+#   DCT:   every 8x8 block X of each channel -> F = D X D^T, with the orthonormal DCT-II matrix
+#          D[k, n] = a_k cos(pi (2n + 1) k / 16), a_0 = sqrt(1/8), a_k = sqrt(2/8) = 1/2. Row index = vertical
+#          frequency u, column = horizontal frequency v, the layout of the JPEG tables.
+#   w:     JPEG quantisation table Q at quality q (luma for Y, chroma for Cb and Cr), w = (1/Q) / mean_64(1/Q):
+#          a small step = a frequency JPEG keeps = a perceptually important one = a large weight.
+YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+JPEG_LUMA = (  # ITU-T T.81 Annex K, Table K.1
+    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55), (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62), (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))
+JPEG_CHROMA = (  # Table K.2
+    (17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99), (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99), *[(99,) * 8] * 4)
+
+
+def dct_matrix(n=8):                                   # -> (n, n) float64, D @ D.T = I
+    k = torch.arange(n, dtype=torch.float64)[:, None]  # frequency (rows)
+    i = torch.arange(n, dtype=torch.float64)[None, :]  # sample position (columns)
+    a = torch.full((n, 1), math.sqrt(2 / n), dtype=torch.float64)
+    a[0] = math.sqrt(1 / n)
+    return a * torch.cos(math.pi * (2 * i + 1) * k / (2 * n))
+
+
+def jpeg_table(base, quality):                         # -> (8, 8) float64
+    """libjpeg's quality scaling as the official code writes it: scale = 5000/q (q < 50) or 200 - 2q, then
+    Q = clamp(floor((base * scale + 50) / 100), 1, 255). At q = 85: scale 30, e.g. 16 -> floor(5.3) = 5.
+    Note: the paper's Fig. 8 shows truncated values (floor(base * scale / 100)); the code rounds. We follow the
+    code. (For q < 50 it also keeps 5000/q as a float where libjpeg divides integers.)"""
+    q = max(1, min(100, int(quality)))
+    scale = 5000 / q if q < 50 else 200 - 2 * q
+    return torch.floor((torch.tensor(base, dtype=torch.float64) * scale + 50) / 100).clamp(1, 255)
+
+
+def frequency_weights(quality=85):                     # -> (3, 8, 8) float64: w_Y, w_Cb, w_Cr
+    """w = (1/Q) / mean(1/Q) per channel; the official 'inv_gamma' mode with gamma 1 is the same number."""
+    inv = [1 / jpeg_table(JPEG_LUMA, quality), 1 / jpeg_table(JPEG_CHROMA, quality)]
+    w_y, w_c = [w / w.mean() for w in inv]
+    return torch.stack([w_y, w_c, w_c])
+
+
+@functools.lru_cache(maxsize=16)
+def _freq_constants(quality, device, dtype):           # built once per (quality, device, dtype): no copy per step
+    return (torch.tensor(YCBCR, dtype=torch.float64).to(device, dtype), dct_matrix(8).to(device, dtype),
+            frequency_weights(quality).to(device, dtype))
+
+
+def rgb_to_ycbcr(x):                                   # (B, 3, H, W) -> (B, 3, H, W)
+    M = _freq_constants(85, x.device, x.dtype)[0]
+    return torch.einsum("ck,bkhw->bchw", M, x)
+
+
+def block_dct(x):                                      # (B, C, H, W) -> (B, C, H/8, W/8, 8, 8)
+    """Orthonormal 2D DCT-II of every 8x8 block as two matmuls: F = D X D^T (JPEG's transform)."""
+    B, C, H, W = x.shape
+    D = _freq_constants(85, x.device, x.dtype)[1]
+    X = x.reshape(B, C, H // 8, 8, W // 8, 8)          # (B, C, h, K, w, K)
+    X = X.permute(0, 1, 2, 4, 3, 5)                    # (B, C, h, w, K, K): one 8x8 block per (h, w)
+    return D @ X @ D.T                                 # F[u, v] = sum_ij D[u, i] X[i, j] D[v, j]
+
+
+def frequency_loss(v_pred, v, quality=85):
+    """The frequency-aware flow-matching loss L_freq for (B, 3, H, W) velocities, H and W multiples of 8:
+    mean over batch, channel, block, u, v of w[c, u, v] * (F_pred - F)^2."""
+    assert v.shape[-1] % 8 == 0 and v.shape[-2] % 8 == 0, "frequency_loss needs H, W multiples of 8"
+    w = _freq_constants(int(quality), v.device, torch.float32)[2]  # (3, 8, 8)
+    # DIFF: the official code transforms v_pred and v separately, then subtracts, in bf16 under autocast. YCbCr and
+    # DCT are linear, so we transform the difference once (same value, half the work), and in fp32 so the loss
+    # does not depend on the bf16 rounding of two nearly equal sets of coefficients.
+    with torch.autocast(v.device.type, enabled=False):
+        coef = block_dct(rgb_to_ycbcr(v_pred.float() - v.float()))  # (B, 3, h, w, K, K)
+        return (w[:, None, None] * coef.square()).mean()
+
+
+def repa_loss(h_proj, target):
+    """REPA (Yu et al. 2024): mean over tokens of 1 - cos(projected DiT tokens, frozen encoder tokens)."""
+    return (1 - F.cosine_similarity(h_proj.float(), target.float(), dim=-1)).mean()
+
+
+# ---- REPA target: DINOv2 ViT-B/14, frozen (official src/models/encoder.py) ----
+REPA_DIM = 768  # width of DINOv2 ViT-B/14 patch tokens = output width of the projector
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_dinov2(device, patch, path=None):
+    """The REPA encoder as a plain callable: images (B, 3, H, W) in [0, 1] -> x_norm_patchtokens (B, N, 768).
+    ImageNet-normalised, then bicubic-resized to 14 * (H / patch) so DINOv2 (patch 14) yields exactly the DiT's
+    token grid (official: int(14 * H / 16) for patch 16). Loaded with torch.hub from GitHub, or from a local
+    clone of facebookresearch/dinov2 (path); the weights come from torch.hub's cache either way."""
+    try:
+        if path:
+            net = torch.hub.load(path, "dinov2_vitb14", source="local")
+        else:
+            net = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True)
+    except Exception as err:  # no network, no cache, a bad path, ...: say what to do, in one line
+        raise SystemExit(f"--repa: could not load DINOv2 ViT-B/14 ({type(err).__name__}: {str(err)[:200]}). "
+                         "Connect once to the internet (torch.hub caches it in ~/.cache/torch/hub), or pass "
+                         "--dinov2-path to a clone of github.com/facebookresearch/dinov2 (with "
+                         "dinov2_vitb14_pretrain.pth in ~/.cache/torch/hub/checkpoints), or train with --no-repa.")
+    net = net.to(device).eval().requires_grad_(False)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def encode(x01):                                   # (B, 3, H, W) in [0, 1] -> (B, N, 768)
+        size = (14 * (x01.shape[-2] // patch), 14 * (x01.shape[-1] // patch))
+        x = F.interpolate((x01 - mean) / std, size=size, mode="bicubic")  # normalise, then resize (official)
+        return net.forward_features(x)["x_norm_patchtokens"]
+    return encode
+
+
+def deco_loss(model, x, y, num_classes, label_drop=0.1, freq_weight=1.0, quality=85, repa_weight=0.5,
+              encoder=None):
+    """The training loss of the paper: L = MSE(v_pred, v) + freq_weight * L_freq + repa_weight * L_REPA.
+    x (B, 3, H, W) clean images in [-1, 1], y (B,) class ids. encoder: None (no REPA) or a frozen callable
+    mapping images in [0, 1] to features (B, N, REPA_DIM), e.g. DINOv2 (load_dinov2) or a test stand-in.
+    Returns (loss, dict of the three detached terms)."""
+    B = x.shape[0]
+    y = torch.where(torch.rand(B, device=y.device) < label_drop, num_classes, y)  # label dropout -> null class
+    t = sample_t(B, x.device)                          # (B,)
+    e = torch.randn_like(x)                            # (B, 3, H, W)
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e  # z_t
+    v = x - e                                          # target velocity
+    zero = torch.zeros((), device=x.device)
+    if encoder is None:
+        v_pred, l_repa = model(z, t, y), zero
+    else:
+        v_pred, h_proj = model(z, t, y, repa=True)     # (B, 3, H, W), (B, N, REPA_DIM)
+        with torch.no_grad():
+            target = encoder((x + 1) / 2)              # (B, N, REPA_DIM): features of the CLEAN image
+        l_repa = repa_loss(h_proj, target)
+    l_mse = (v_pred.float() - v).square().mean()       # mean over B, C, H, W
+    l_freq = frequency_loss(v_pred, v, quality) if freq_weight else zero
+    loss = l_mse + freq_weight * l_freq + repa_weight * l_repa
+    return loss, dict(mse=l_mse.detach(), freq=l_freq.detach(), repa=l_repa.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 6. Sampler: Euler (Heun optional) on the official grid, CFG on velocity for t > 0.1 ----
+# ---------------------------------------------------------------------------------------------------------------
+def sampler_defaults(config, img_size):
+    """The paper's sampler for ImageNet (official DeCo_XL*.yaml): Euler, 100 steps, CFG on velocity for
+    t in (0.1, 1], scale 3.2 at 256 (320-epoch model; the paper uses 3.0 for 800 epochs) and 5.0 at 512.
+    The L yaml samples its FID ablations with 50 steps and no CFG (--sample-steps 50 --cfg 1); we give every
+    config the paper's main-result sampler."""
+    return dict(steps=100, cfg=5.0 if img_size >= 512 else 3.2, interval=(0.1, 1.0), solver="euler")
+
+
+def sample_grid(steps):
+    """Official grid: linspace(0, 1 - 1/steps, steps) then 1.0 (uniform steps of 1/steps, no time shift).
+    A Python list: the CFG-interval test below is then a host-side decision, never a GPU sync."""
+    return torch.linspace(0.0, 1.0 - 1.0 / steps, steps).tolist() + [1.0]
+
+
+def in_cfg_interval(t, interval):
+    """The official test interval[0] < t <= interval[1], in float32 as the official tensor comparison. It matters:
+    the 20-, 40- and 250-step grids hold t = float32(0.1) exactly, guided in float64 (0.1f > 0.1) but not in
+    float32 (0.1f > 0.1f is False)."""
+    t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
+    return bool(lo < t <= hi)
+
+
+@torch.no_grad()
+def velocity(model, z, t, y, cfg, interval):
+    """v for all B images at time t (a python float). CFG u + cfg*(c - u) only when interval[0] < t <= interval[1]
+    (the official test); then cond and uncond run as ONE batched forward of 2B.
+    DIFF: the official code always runs both halves and applies a scale of 1 outside the interval; we run only
+    the conditional half there: the same result, ~10% fewer network evaluations with interval (0.1, 1]."""
+    B = z.shape[0]
+    tt = torch.full((B,), t, device=z.device)
+    if cfg == 1.0 or not in_cfg_interval(t, interval):
+        return model(z, tt, y).float()
+    null = torch.full_like(y, model.num_classes)       # the null class row
+    out = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float()  # (2B, C, H, W)
+    c, u = out.chunk(2)
+    return u + cfg * (c - u)
+
+
+@torch.no_grad()
+def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None,
+           progress=False):
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data). Returns images (B, 3, H, W) in [-1, 1].
+    None arguments take the paper's defaults (sampler_defaults). Heun follows the official HeunSampler with its
+    default exact_henu=False: after the first step, the corrector evaluation v(z_hat, t_next) is reused as the
+    next step's predictor, so Heun costs one model call per step (plus one at the start); the last step is Euler."""
+    d = sampler_defaults(model.config, model.img_size)
+    steps = steps or d["steps"]
+    cfg = d["cfg"] if cfg is None else cfg
+    cfg = 1.0 if model.num_classes == 1 else cfg       # unconditional data: nothing to guide towards
+    interval = interval or d["interval"]
+    solver = solver or d["solver"]
+    if solver not in ("euler", "heun"):
+        raise SystemExit(f"unknown solver {solver!r}: use 'euler' or 'heun'")
+    dev = next(model.parameters()).device
+    S = model.img_size
+    if noise is None:
+        noise = torch.randn(len(y), 3, S, S, generator=generator, device=generator.device if generator else dev)
+    z = noise.to(dev, torch.float32)                   # (B, C, H, W), integrated in fp32
+    y = y.to(dev)
+    ts = sample_grid(steps)
+    v_next = None                                      # Heun: the corrector's velocity, reused next step
+    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+            t, t_next = ts[i], ts[i + 1]
+            dt = t_next - t
+            v = velocity(model, z, t, y, cfg, interval) if v_next is None else v_next
+            if solver == "euler" or i == steps - 1:
+                z = z + dt * v                         # Euler; also Heun's last step (official)
+            else:
+                z_hat = z + dt * v                     # Heun predictor
+                # official: the corrector's CFG follows the interval test at t, not at t_next
+                cfg_t = cfg if in_cfg_interval(t, interval) else 1.0
+                v_next = velocity(model, z_hat, t_next, y, cfg_t, (-math.inf, math.inf))
+                z = z + dt * (v + v_next) / 2          # Heun corrector; v_next is reused as the next predictor
+    return z.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 7. Data (official PixImageNet: ADM center crop, no flip, [-1, 1]) ----
+# ---------------------------------------------------------------------------------------------------------------
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
+    "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
+               "~2 GB) and put them in data/ffhq128/ (subfolders are fine), or pass --data /path/to/folder",
+    "imagenet": "put the ImageNet-1k train split (one subfolder per class, e.g. data/imagenet/n01440764/*.JPEG) "
+                "in data/imagenet/, or pass --data /path/to/train",
+}
+
+
+def center_crop_arr(img, size):
+    """ADM center crop (guided-diffusion; official center_crop_fn): halve with a box filter while the short side
+    is >= 2*size, bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image under `root`, searched recursively. Class subfolders (ImageNet layout: every image inside a
+    top-level folder) give class labels; otherwise (FFHQ) one class. Returns (uint8 (3, H, W), label): the
+    normalisation to [-1, 1] happens on the GPU (train_step) so the host only moves bytes."""
+
+    def __init__(self, root, size, class_cond=True):
+        self.root, self.size = Path(root), size
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
+        if not self.files:
+            raise SystemExit(f"no images (png/jpg/jpeg/webp) found under {root}: check the --data path.")
+        parts = [p.relative_to(self.root).parts for p in self.files]
+        if class_cond and all(len(q) > 1 for q in parts):
+            self.classes = sorted({q[0] for q in parts})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[q[0]] for q in parts]
+        else:
+            self.classes, self.labels = ["all"], [0] * len(self.files)
+        self.bad = 0    # unreadable files met by this process (each DataLoader worker counts its own)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        for j in range(i, i + 100):                    # an unreadable file is replaced by the next readable one
+            path = self.files[j % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_arr(img.convert("RGB"), self.size)
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[j % len(self.files)]
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                self.bad += 1
+                warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
+        raise SystemExit(f"100 unreadable images in a row under {self.root}: is this an image folder?")
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Built-in labelled data, so `python deco.py` runs with no download: one coloured shape (the class) on a
+    two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
+    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled.
+    (The same data as the other scripts, so their runs on it compare.)"""
+    classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
+
+    def __init__(self, size, n=20_000):
+        self.size, self.n = size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        label = int(rng.integers(len(self.classes)))
+        S = 4 * self.size
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)             # background gradient colours
+        gy, gx = np.mgrid[0:S, 0:S] / S - 0.5                                   # (S, S) coordinates
+        a = rng.uniform(0, 2 * np.pi)                                           # gradient direction
+        ramp = np.clip(gx * np.cos(a) + gy * np.sin(a) + 0.5, 0, 1)[..., None]  # (S, S, 1) in [0, 1]
+        img = Image.fromarray((c0 * (1 - ramp) + c1 * ramp).astype(np.uint8))   # (S, S, 3)
+        draw = ImageDraw.Draw(img)
+        r = rng.uniform(0.18, 0.35) * S                                         # shape radius
+        cx, cy = rng.uniform(r, S - r, 2)
+        a0 = rng.uniform(0, 2 * np.pi)                                          # rotation
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+
+        def polygon(k, radius=r, phase=0.0):                                    # regular k-gon vertices
+            return [(cx + radius * np.cos(a0 + phase + 2 * np.pi * j / k),
+                     cy + radius * np.sin(a0 + phase + 2 * np.pi * j / k)) for j in range(k)]
+
+        name = self.classes[label]
+        if name == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif name == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=int(r * 0.35))
+        elif name == "square":
+            draw.polygon(polygon(4), fill=color)
+        elif name == "diamond":                                                 # a rhombus: squashed square
+            pts = polygon(4)
+            draw.polygon([(cx + 0.55 * (px - cx), py) if j % 2 else (px, py) for j, (px, py) in enumerate(pts)],
+                         fill=color)
+        elif name == "triangle":
+            draw.polygon(polygon(3), fill=color)
+        elif name == "hexagon":
+            draw.polygon(polygon(6), fill=color)
+        elif name == "star":
+            outer, inner = polygon(5), polygon(5, 0.42 * r, np.pi / 5)
+            draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
+        else:                                                                   # cross: two thick bars
+            for phase in (0.0, np.pi / 2):
+                dx, dy = np.cos(a0 + phase), np.sin(a0 + phase)
+                draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
+        img = img.resize((self.size, self.size), resample=Image.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
+
+
+def resolve_data(name):
+    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
+    if name == "shapes":
+        return "shapes", None
+    if Path(name).is_dir():
+        return "folder", Path(name)
+    if Path("data", name).is_dir():
+        return "folder", Path("data", name)
+    if name in DATA_HELP:
+        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
+    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
+
+
+def make_dataset(args):
+    kind, path = resolve_data(args.data)
+    if kind == "shapes":
+        return Shapes(args.img_size)
+    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
+    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def batches(loader, data_state):
+    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
+    while True:
+        loader.sampler.set_epoch(data_state["epoch"])
+        loader.sampler.skip = data_state["pos"] * loader.batch_size
+        for batch in loader:
+            data_state["pos"] += 1
+            yield batch
+        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 8. Training (paper: implementation details; official lightning_model.py, simple_ema.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
+    DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
+    decay_k = min(decay, (1 + k) / (10 + k)) (timm / DiT-style). For the paper's long runs this is the paper's
+    0.9999 after ~90k steps; for a 10k-step run a fixed 0.9999 would still be mostly the random init, and the
+    sample grids would show noise."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.src = list(model.parameters())
+        self.dst = list(self.model.parameters())
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
+
+
+def unwrap(model):
+    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def build(args, num_classes, device):
+    """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
+    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
+    ema = EMA(raw, args.ema)
+    # Paper: AdamW, lr 1e-4 constant (no warmup, no decay), default betas (0.9, 0.999), no weight decay.
+    # fused=True: one kernel for all parameters on CUDA. No grad clipping (official class-conditional runs).
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def model_kwargs(args):
+    """create_model overrides of this run, saved in the checkpoint: the REPA projector exists only with --repa."""
+    return dict(repa_dim=REPA_DIM) if args.repa else {}
+
+
+def compile_and_wrap(raw, args, device, ddp=False):
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, ema, opt, x, y, step, args, encoder=None, stats=None):
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
+    encoder: the frozen REPA encoder (with --repa) or None. stats: optional dict; the detached loss terms are
+    added to it (for the log). Returns the loss as a 0-dim tensor without reading it (no host sync)."""
+    x = x.float() / 127.5 - 1.0                        # uint8 [0, 255] -> [-1, 1], on device. No flip (official)
+    raw = unwrap(model)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
+        loss, terms = deco_loss(model, x, y, raw.num_classes, args.label_drop, args.freq_weight,
+                                args.jpeg_quality, args.repa_weight, encoder)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema.update(step)
+    if stats is not None:
+        for k, v in terms.items():
+            stats[k] = stats.get(k, 0.0) + v
+    return loss.detach()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def find_checkpoint(path):
+    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def save_grid(images, path, nrow):
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5) (official)."""
+    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, H, W, _ = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+def get_args(argv=None, ckpt=None):
+    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
+    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
+    p = argparse.ArgumentParser(description="Train DeCo (Ma et al., arXiv 2511.19365).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # -- data and model
+    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
+    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
+    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
+    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
+                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
+    # -- objective (the paper's total loss; each weight is one of its ablations)
+    p.add_argument("--freq-weight", type=float, help="weight of the frequency-aware loss L_freq (paper: 1.0)")
+    p.add_argument("--jpeg-quality", type=int, help="JPEG quality of the L_freq weights (paper: 85)")
+    p.add_argument("--repa", action=argparse.BooleanOptionalAction,
+                   help="REPA with frozen DINOv2 ViT-B/14 (paper: on; needs torch.hub or --dinov2-path)")
+    p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
+    p.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (offline REPA)")
+    p.add_argument("--label-drop", type=float, help="label dropout for CFG (default: the config's, 0.1; XL 0.2)")
+    # -- optimisation
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs (paper: 256)")
+    p.add_argument("--steps", type=int, help="total optimisation steps")
+    p.add_argument("--lr", type=float, help="constant learning rate (paper: 1e-4)")
+    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
+    # -- run folder, logging, sampling
+    p.add_argument("--out", help="run folder (default runs/deco-DATA)")
+    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
+    p.add_argument("--init-from", help="start a NEW run from another DeCo run's weights, EMA and optimizer, at any "
+                                       "--img-size (paper: the 512 model continues the 256 one)")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
+    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
+    p.add_argument("--cfg", type=float, help="CFG scale for the grids (default: the paper's, 3.2 at 256)")
+    p.add_argument("--sample-steps", type=int, help="sampler steps for the grids (paper: 100 Euler)")
+    # -- system
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--num-workers", type=int, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, help="global seed")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    args = p.parse_args(argv)
+
+    saved = ckpt["args"] if ckpt else {}
+    data = args.data or saved.get("data") or "shapes"
+    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
+    defaults = dict(data="shapes", img_size=256, config="DeCo-L/16", unconditional=False,
+                    freq_weight=1.0, jpeg_quality=85, repa=False, repa_weight=0.5, dinov2_path=None,
+                    label_drop=None, init_from=None, batch_size=128, steps=100_000, lr=1e-4, ema=0.9999, out=None,
+                    ckpt_every=5000, sample_every=5000, log_every=50, cfg=None, sample_steps=None, compile=None,
+                    precision=None, num_workers=min(8, os.cpu_count() or 1), seed=0, device=None)
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, preset.get(key, default)))
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
+    if args.label_drop is None:
+        args.label_drop = CONFIGS[args.config]["label_drop"]
+    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python deco.py`: one
+    process on --device. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def check_compatible(args, ckpt):
+    """A checkpoint continues only the run it came from: same script (checked on load), config, size, REPA."""
+    for key in ("config", "img_size", "repa"):
+        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 9. main ----
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv=None, encoder=None):
+    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, see load_dinov2): tests only."""
+    args = get_args(argv)
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(find_checkpoint(args.resume or args.out))
+        args = get_args(argv, ckpt)
+        check_compatible(args, ckpt)
+    elif (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+
+    rank, world, device = setup_distributed(args)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
+    if args.img_size % CONFIGS[args.config]["patch"]:
+        raise SystemExit(f"--img-size {args.img_size} is not a multiple of the patch size of {args.config}.")
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
+    torch.backends.cudnn.allow_tf32 = True
+
+    # REPA's encoder first, so a missing DINOv2 stops the run before any data is read.
+    if args.repa and encoder is None:
+        if world > 1 and rank != 0:
+            dist.barrier()                                      # rank 0 fills the torch.hub cache first
+        encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
+        if world > 1 and rank == 0:
+            dist.barrier()
+    encoder = encoder if args.repa else None
+
+    dataset = make_dataset(args)
+    num_classes = len(dataset.classes)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
+    raw, ema, opt = build(args, num_classes, device)
+    step, data_state = 0, {"epoch": 0, "pos": 0}
+    if ckpt:
+        if ckpt["num_classes"] != num_classes:
+            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
+                             f"{num_classes}; resume with the data it was trained on.")
+        raw.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, data_state = ckpt["step"], dict(ckpt["data"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        del ckpt
+    elif args.init_from:
+        # Paper / official DeCo_XL_512.yaml: the 512 model is the 256 model trained 100k more steps at 512.
+        # Nothing in DeCo depends on the image size but the RoPE tables, which are rebuilt (not saved), so the
+        # weights load at any size. The optimizer state comes along (Lightning's --ckpt_path does the same);
+        # the step count and the data position start at 0.
+        init = load_checkpoint(args.init_from)
+        for key, have in (("config", args.config), ("num_classes", num_classes), ("repa", args.repa)):
+            was = init["args"].get(key) if key == "repa" else init[key]
+            if was != have:
+                raise SystemExit(f"--init-from: that run has {key}={was!r}, this one {have!r}; they must match.")
+        raw.load_state_dict(init["model"])
+        ema.model.load_state_dict(init["ema"])
+        opt.load_state_dict(init["opt"])
+        del init
+    model = compile_and_wrap(raw, args, device, ddp=world > 1)
+
+    local_batch = args.batch_size // world
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
+                                                              # one, or a resumed run would diverge from the original
+    data = batches(loader, data_state)
+
+    run = Path(args.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{args.config} ({n_params / 1e6:.1f}M params{' incl. REPA projector' if args.repa else ''}) on "
+              f"{len(dataset)} images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, "
+              f"lr {args.lr:.1e}, freq {args.freq_weight} (q{args.jpeg_quality}), "
+              f"repa {args.repa_weight if args.repa else 'off'}, {args.precision}, compile={args.compile} -> {run}")
+    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
+    gen = torch.Generator().manual_seed(1234)
+    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
+    grid_y = torch.arange(64) % num_classes
+
+    def log_and_check(loss_sum, stats, n, t0):
+        """The only host sync: read the mean losses of the last n steps, stop on NaN/inf, write log.jsonl."""
+        sums = torch.stack([loss_sum, stats["mse"], stats["freq"], stats["repa"]])
+        if world > 1:
+            dist.all_reduce(sums)
+            sums /= world
+        loss, mse, freq, repa = (sums / n).tolist()
+        if not math.isfinite(loss):
+            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
+                             "checkpoint; resume from it with a lower --lr (or --precision fp32).")
+        rate = n * args.batch_size / (time.time() - t0)
+        if rank == 0:
+            with open(run / "log.jsonl", "a") as f:
+                f.write(json.dumps(dict(step=step, loss=loss, mse=mse, freq=freq, repa=repa, lr=args.lr,
+                                        img_per_s=rate)) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", mse=f"{mse:.4f}", freq=f"{freq:.4f}", img_s=f"{rate:.0f}")
+
+    def fresh():                                                # accumulators of the current log window
+        zero = torch.zeros((), device=device)
+        return zero.clone(), dict(mse=zero.clone(), freq=zero.clone(), repa=zero.clone()), 0, time.time()
+
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
+    loss_sum, stats, n, t0 = fresh()
+    try:
+        while step < args.steps:
+            x, y = next(data)
+            step += 1
+            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
+                                   y.to(device, non_blocking=True), step, args, encoder, stats)
+            n += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+                log_and_check(loss_sum, stats, n, t0)           # before any save: never checkpoint a NaN
+                loss_sum, stats, n, t0 = fresh()
+            if step % args.sample_every == 0 or step == args.steps:
+                if rank == 0:
+                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                rngs = [None] * world
+                if world > 1:
+                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
+                else:
+                    rngs = [rng_state()]
+                if rank == 0:
+                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
+                                     num_classes=num_classes, model_kwargs=model_kwargs(args),
+                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)), run / "ckpt.pt")
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run
+
+
+if __name__ == "__main__":
+    main()
