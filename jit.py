@@ -876,6 +876,7 @@ def check_compatible(args, ckpt):
 
 
 def main(argv=None):
+    # -- The run's settings. A resumed run re-reads its own settings from the checkpoint (flags given now win).
     args = get_args(argv)
     ckpt = None
     if args.resume is not None:
@@ -886,20 +887,24 @@ def main(argv=None):
     elif (Path(args.out) / "ckpt.pt").exists():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
+    # -- Processes and devices: one process per GPU under torchrun, else one process on --device.
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)                         # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
     torch.backends.cudnn.allow_tf32 = True
 
+    # -- Data: the class count comes from the data (1 for a flat folder or FFHQ, 1000 for ImageNet).
     dataset = make_dataset(args)
     num_classes = len(dataset.classes)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
     args.warmup_steps = int(args.warmup_epochs * len(dataset) // args.batch_size)   # paper: 5 epochs
+    # -- Model, EMA, optimizer; on resume every piece of state comes back: weights, EMA, Adam moments, step,
+    #    every rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it).
     raw, ema, opt = build(args, num_classes, device)
     step, data_state = 0, {"epoch": 0, "pos": 0}
     if ckpt:
@@ -914,6 +919,8 @@ def main(argv=None):
         del ckpt
     model = compile_and_wrap(raw, args, device, ddp=world > 1)
 
+    # -- Loader: uint8 images from worker processes into pinned memory, copied asynchronously (non_blocking) to
+    #    the GPU, where train_step normalises them. persistent_workers keeps the workers alive across epochs.
     local_batch = args.batch_size // world
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
@@ -951,11 +958,13 @@ def main(argv=None):
                 f.write(json.dumps(dict(step=step, loss=loss, lr=lr_at(step, args), img_per_s=rate)) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr_at(step, args):.1e}")
 
+    # -- The loop. The loss stays on the GPU (loss_sum) and is read every --log-every steps only: a .item() per
+    #    step would make the CPU wait for the GPU and leave it idle while the next step is queued.
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
     loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
     try:
         while step < args.steps:
-            x, y = next(data)
+            x, y = next(data)                                     # (B/world, 3, H, W) uint8, (B/world,) long
             step += 1
             loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
                                    y.to(device, non_blocking=True), step, args)
@@ -964,7 +973,7 @@ def main(argv=None):
             if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
                 log_and_check(loss_sum, n, t0)                     # before any save: never checkpoint a NaN
                 loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
-            if step % args.sample_every == 0 or step == args.steps:
+            if step % args.sample_every == 0 or step == args.steps:   # EMA weights, the paper's sampler
                 if rank == 0:
                     images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
                     save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
@@ -974,7 +983,7 @@ def main(argv=None):
                     dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
                 else:
                     rngs = [rng_state()]
-                if rank == 0:
+                if rank == 0:                                     # the checkpoint layout all 4 scripts share
                     save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
                                      num_classes=num_classes, pred=args.pred,
                                      model_kwargs=dict(patch_size=args.patch_size, pred=args.pred,
