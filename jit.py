@@ -476,6 +476,8 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     cfg = 1.0 if model.num_classes == 1 else cfg           # unconditional data: nothing to guide towards
     interval = interval or d["interval"]
     solver = solver or d["solver"]
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"unknown solver {solver!r}: jit.py samples with 'heun' (the paper's) or 'euler'")
     dev = next(model.parameters()).device
     y = y.to(dev)
     B, H = y.shape[0], model.img_size

@@ -4,6 +4,7 @@ Every test asserts values that matter (not only shapes). Sections follow the scr
 deco, sample, bench.
 """
 
+import importlib
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from PIL import Image
 
 import deco
 import jit
+import sample
 
 torch.set_num_threads(2)
 TINY = ["--config", "tiny", "--img-size", "32", "--num-workers", "0", "--sample-steps", "2", "--device", "cpu"]
@@ -709,3 +711,275 @@ def test_deco_clear_errors_for_missing_data_and_bad_config(tmp_path):
         deco.main(train_args(tmp_path, "--data", "ffhq128"))
     with pytest.raises(SystemExit, match="unknown --config"):
         deco.main(["--config", "DeCo-B/2", "--device", "cpu", "--out", str(tmp_path / "x")])
+
+
+# =================================================================================================================
+# sample.py
+# =================================================================================================================
+
+ROOT = Path(sample.__file__).resolve().parent
+# The paper scripts present in this checkout (sample.py must work with whichever exist).
+SCRIPTS = [s for s in sample.SCRIPTS if (ROOT / f"{s}.py").is_file()]
+FAST = ["--steps", "2", "--device", "cpu", "--num-workers", "0"]       # 2 sampler steps: enough for the plumbing
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One tiny run folder per existing script, written by its own main() (1 training step), so the checkpoint has
+    every contract key. One step leaves the zero-initialised output layers at ~0 (every sample the same flat
+    image), so we then add N(0, 0.02^2) to every weight: samples then depend on their noise and label."""
+    out = {}
+    torch.manual_seed(0)
+    for name in SCRIPTS:
+        mod = importlib.import_module(name)
+        run = tmp_path_factory.mktemp(name) / "run"
+        mod.main(TINY + ["--steps", "1", "--batch-size", "4", "--log-every", "1", "--sample-every", "100",
+                         "--out", str(run)])
+        ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+        for key in ("model", "ema"):
+            for v in ckpt[key].values():
+                if v.is_floating_point():
+                    v.add_(torch.randn_like(v) * 0.02)
+        torch.save(ckpt, run / "ckpt.pt")
+        out[name] = run
+    return out
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A weight file in the published layout, with random weights (the real one is 91 MB and not in the repo)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / sample.INCEPTION_FILE
+    torch.save(sample.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sample_end_to_end_grid_outdir_npz(runs, name, tmp_path):
+    """Checkpoint -> grid, one PNG per sample and the ADM .npz, all holding the same uint8 samples."""
+    res = sample.main([str(runs[name]), "--n", "5", "--batch-size", "2", "--grid", str(tmp_path / "g.png"),
+                       "--outdir", str(tmp_path / "out"), "--npz", str(tmp_path / "s.npz")] + FAST)
+    assert res["n"] == 5
+    with np.load(tmp_path / "s.npz") as f:
+        assert f.files == ["arr_0"]
+        arr = f["arr_0"]
+    assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8                # ADM format: uint8 NHWC
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    for i, p in enumerate(pngs):
+        assert np.array_equal(read_png(p), arr[i])                                # PNG i is npz row i
+    assert not np.array_equal(arr[0], arr[1])                                    # each sample has its own noise
+    grid = read_png(tmp_path / "g.png")
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)                             # 5 samples: 3 columns, 2 rows
+    assert np.array_equal(grid[2:34, 2:34], arr[0]) and np.array_equal(grid[36:68, 2:34], arr[3])
+    record = json.loads((tmp_path / "out" / "sample_args.json").read_text())
+    assert record["script"] == name and record["steps"] == 2 and record["config"] == "tiny"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sample_independent_of_batch_size(runs, name, tmp_path):
+    """Per-sample seeds: the same images with --batch-size 1 and 4, other images with another --seed."""
+    def run(tag, *extra):
+        sample.main([str(runs[name]), "--n", "4", "--npz", str(tmp_path / f"{tag}.npz")] + FAST + list(extra))
+        return np.load(tmp_path / f"{tag}.npz")["arr_0"].astype(int)
+    a, b, c = run("a", "--batch-size", "1"), run("b", "--batch-size", "4"), run("c", "--seed", "1")
+    assert np.abs(a - b).max() <= 1                     # equal up to float rounding of batched CPU matmuls
+    assert (a == b).mean() > 0.99
+    assert np.abs(a - c).mean() > 5                      # a new seed gives new samples
+    assert np.abs(a - run("d", "--weights", "raw")).mean() > 1    # the raw weights are not the EMA's
+
+
+def test_sample_resume_skips_existing(runs, tmp_path):
+    """A rerun into the same --outdir writes only the missing PNGs (and refuses other sampler settings)."""
+    ckpt, out = str(runs["jit"]), tmp_path / "out"
+    sample.main([ckpt, "--n", "4", "--outdir", str(out), "--batch-size", "3"] + FAST)
+    original = [read_png(sample.png_path(out, i)) for i in range(4)]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(sample.png_path(out, 1))   # marks a file as "kept"
+    sample.png_path(out, 2).unlink()                                                    # an interrupted sample
+    sample.main([ckpt, "--n", "5", "--outdir", str(out), "--batch-size", "2"] + FAST)   # resume and grow n
+    assert read_png(sample.png_path(out, 1)).max() == 0                                # skipped, not rewritten
+    assert np.array_equal(read_png(sample.png_path(out, 2)), original[2])              # redone identically
+    assert np.array_equal(read_png(sample.png_path(out, 0)), original[0])
+    assert sample.png_path(out, 4).is_file() and not list(out.glob("*.tmp"))
+    with pytest.raises(SystemExit, match="cfg"):
+        sample.main([ckpt, "--n", "5", "--outdir", str(out), "--cfg", "1.5"] + FAST)
+
+
+def test_noise_and_labels_are_pure_functions_of_the_index():
+    a = sample.sample_noise(7, [0, 1, 2, 3], 8)                                       # (4, 3, 8, 8)
+    assert a.shape == (4, 3, 8, 8)
+    assert torch.equal(sample.sample_noise(7, [3], 8)[0], a[3])                       # batch-independent
+    assert not torch.equal(sample.sample_noise(8, [3], 8)[0], a[3])                   # seed-dependent
+    assert not torch.equal(a[0], a[1])
+    assert sample.class_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]                # balanced
+    assert sample.class_labels(5, 1000, [5, 9]).tolist() == [5, 9, 5, 9, 5]
+    assert torch.bincount(sample.class_labels(50_000, 1000)).tolist() == [50] * 1000   # FID-50k: 50 per class
+
+
+def test_sample_clear_errors(runs, tmp_path, monkeypatch):
+    ckpt = str(runs["jit"])
+    with pytest.raises(SystemExit, match="positive"):
+        sample.main([ckpt, "--n", "0", "--grid", "g.png"])
+    with pytest.raises(SystemExit, match="nothing to do"):
+        sample.main([ckpt])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        sample.main([str(tmp_path / "missing"), "--grid", "g.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="without ckpt.pt"):
+        sample.main([str(tmp_path / "empty"), "--grid", "g.png"])
+    with pytest.raises(SystemExit, match="classes 0..7"):
+        sample.main([ckpt, "--classes", "3,99", "--grid", str(tmp_path / "g.png")] + FAST)
+    bad = dict(torch.load(Path(ckpt) / "ckpt.pt", weights_only=False), script="stylegan")
+    torch.save(bad, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not by one of our scripts"):
+        sample.main([str(tmp_path / "other.pt"), "--grid", "g.png"])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint of our scripts"):
+        sample.main([str(tmp_path / "foreign.pt"), "--grid", "g.png"])
+    monkeypatch.setattr(sample, "__file__", str(tmp_path / "sample.py"))           # a checkout without jit.py
+    with pytest.raises(SystemExit, match="jit.py is missing"):
+        sample.main([ckpt, "--grid", "g.png"])
+
+
+# ---- Fréchet distance --------------------------------------------------------------------------------------------
+
+
+def random_rotation(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.5, 3, d), rng.uniform(0.5, 3, d)
+    # Commuting covariances (same eigenvectors): d^2 = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert sample.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    q = random_rotation(d, 1)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert sample.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    # 1-d: (mu1 - mu2)^2 + (s1 - s2)^2 for standard deviations s1, s2.
+    assert sample.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9 + 1)
+    # Identical statistics: exactly what FID of a set against itself must give.
+    assert abs(sample.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def test_frechet_distance_general_covariances_symmetric():
+    """Non-commuting covariances: Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), computed independently with
+    symmetric eigendecompositions; and the distance is symmetric in its two arguments."""
+    rng = np.random.default_rng(1)
+    d = 8
+    x, y = rng.normal(size=(50, d)), rng.normal(size=(50, d)) @ rng.normal(size=(d, d))
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(w)) @ v.T                                       # S1^(1/2)
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr
+    d12, d21 = sample.frechet_distance(mu1, s1, mu2, s2), sample.frechet_distance(mu2, s2, mu1, s1)
+    assert d12 == pytest.approx(expected, rel=1e-8)
+    assert d12 == pytest.approx(d21, rel=1e-10)
+
+
+def test_frechet_distance_singular_covariances(capsys):
+    """Fewer samples than features make both covariances singular: the eps*I retry keeps the result finite and
+    within sqrt(eps) of the closed form."""
+    q = random_rotation(5, 2)
+    a, b = np.array([2.0, 1.0, 0, 0, 0]), np.array([0.5, 0, 3.0, 0, 0])
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    mu = np.zeros(5)
+    fd = sample.frechet_distance(mu, s1, mu, s2)
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert np.isfinite(fd) and fd == pytest.approx(expected, abs=1e-2)
+    assert "singular" in capsys.readouterr().out
+    x = np.random.default_rng(3).normal(size=(4, 16))                         # rank 3 in 16 dims
+    fd = sample.frechet_distance(x.mean(0), np.cov(x, rowvar=False), x.mean(0) + 1, np.cov(x, rowvar=False))
+    assert fd == pytest.approx(16.0, abs=1e-2)                                # same covariance: |1|^2 per dim
+    with pytest.raises(SystemExit, match="different sizes"):
+        sample.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+# ---- FID Inception -------------------------------------------------------------------------------------------------
+
+
+def test_inception_architecture_and_output():
+    torch.manual_seed(0)
+    net = sample.FIDInceptionV3().eval()
+    # torchvision's Inception3 without the aux head has 23,834,568 parameters with 1000 classes; with the TF
+    # graph's 1008 classes: + 8*2048 + 8. Any wrong channel count in a block changes this number.
+    assert sum(p.numel() for p in net.parameters()) == 23_834_568 + 8 * 2048 + 8
+    sd = net.state_dict()
+    assert sum(k.endswith(".bn.running_var") for k in sd) == 94                   # 94 conv-bn units
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert sd["Mixed_6e.branch7x7dbl_5.conv.weight"].shape == (192, 192, 1, 7)
+    assert sd["Mixed_7c.branch3x3dbl_3b.bn.running_mean"].shape == (384,)
+    assert sd["fc.weight"].shape == (1008, 2048)
+    with torch.no_grad():
+        f = net(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
+    assert (f >= 0).all() and f.abs().sum() > 0                                   # average of ReLU outputs
+    assert not torch.equal(f[0], f[1])
+
+
+def test_inception_preprocessing_and_tf_pools():
+    """pytorch-fid's input path: [0, 255] -> [-1, 1], bilinear to 299 (a 299 image passes unchanged); the TF
+    average pool ignores padding (a constant map stays constant at the borders)."""
+    x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
+    assert torch.allclose(sample.fid_preprocess(x), x.float() / 255 * 2 - 1, atol=1e-6)
+    assert torch.equal(sample.fid_preprocess(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)),
+                       -torch.ones(1, 3, 299, 299))
+    assert sample.fid_preprocess(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)).eq(1).all()
+    assert torch.equal(sample.tf_avg_pool(torch.ones(1, 2, 5, 5)), torch.ones(1, 2, 5, 5))
+
+
+def test_inception_weight_loader(inception_file, tmp_path):
+    net = sample.load_inception(inception_file)
+    saved = torch.load(inception_file, weights_only=True)
+    assert torch.equal(net.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
+    # Older torch files have no BatchNorm num_batches_tracked entries: they load too.
+    torch.save({k: v for k, v in saved.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pth")
+    sample.load_inception(tmp_path / "old.pth")
+    with pytest.raises(SystemExit, match="pytorch-fid/releases"):
+        sample.load_inception(tmp_path / "nothing.pth")                           # says where to get it
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit, match="does not hold the FID Inception weights"):
+        sample.load_inception(tmp_path / "wrong.pth")
+    (tmp_path / "page.pth").write_text("<html>404</html>")
+    with pytest.raises(SystemExit, match="not a PyTorch weight file"):
+        sample.load_inception(tmp_path / "page.pth")
+
+
+def test_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
+    """--fid against a reference folder with --save-stats, then --fid against the written samples' own .npz
+    (arr_0): the sample statistics are those of the uint8 images written, and the saved statistics are the
+    folder's. The 2048-d sqrtm itself (a minute on 2 cores) is replaced by a recorder; the distance is tested
+    against closed forms above."""
+    ref = tmp_path / "ref" / "sub"                            # a subfolder: reference folders are searched recursively
+    ref.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):                                        # 40x48: center-cropped to the samples' 32x32
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    calls = []
+    monkeypatch.setattr(sample, "frechet_distance", lambda *stats: calls.append(stats) or 12.5)
+    common = [str(runs["jit"]), "--n", "2", "--inception-weights", str(inception_file)] + FAST
+    res = sample.main(common + ["--fid", str(tmp_path / "ref"), "--save-stats", str(tmp_path / "stats.npz"),
+                                "--npz", str(tmp_path / "s.npz")])
+    assert res["fid"] == 12.5 and res["n"] == 2 and "2 images" in res["reference"]
+    (mu_s, sig_s, mu_r, sig_r), = calls
+    assert mu_r.shape == (2048,) and sig_r.shape == (2048, 2048) and sig_s.shape == (2048, 2048)
+    assert not np.allclose(mu_s, mu_r)                                         # samples are not the reference
+    with np.load(tmp_path / "stats.npz") as f:                                 # --save-stats: the folder's stats
+        assert np.array_equal(f["mu"], mu_r) and np.array_equal(f["sigma"], sig_r) and int(f["n"]) == 2
+    res = sample.main(common + ["--fid", str(tmp_path / "s.npz")])             # the same 2 samples as reference
+    assert "2 images, arr_0" in res["reference"]
+    mu_s2, sig_s2, mu_r2, sig_r2 = calls[1]
+    assert np.allclose(mu_s2, mu_r2, rtol=1e-5, atol=1e-9) and np.allclose(sig_s2, sig_r2, rtol=1e-4, atol=1e-12)
+    assert np.allclose(mu_s, mu_s2, rtol=1e-5, atol=1e-9)                      # same seed: same samples
