@@ -19,6 +19,7 @@ from PIL import Image
 
 import deco
 import jit
+import pixnerd
 import sample
 
 torch.set_num_threads(2)
@@ -983,3 +984,436 @@ def test_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
     mu_s2, sig_s2, mu_r2, sig_r2 = calls[1]
     assert np.allclose(mu_s2, mu_r2, rtol=1e-5, atol=1e-9) and np.allclose(sig_s2, sig_r2, rtol=1e-4, atol=1e-12)
     assert np.allclose(mu_s, mu_s2, rtol=1e-5, atol=1e-9)                      # same seed: same samples
+
+
+# =================================================================================================================
+# pixnerd.py
+# =================================================================================================================
+
+
+
+def randomize_output_layer(model, std=0.1):
+    """The field's output Linear is zero-initialised (output exactly 0); give it weights to test anything else."""
+    torch.nn.init.normal_(model.field.linear.weight, std=std)
+    torch.nn.init.normal_(model.field.linear.bias, std=std)
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(pixnerd.CONFIGS))
+def test_pixnerd_every_config_forward_backward_and_zero_output_at_init(name):
+    """Each config's real width / heads / patch / field sizes, cut to 1 transformer block and 1 field block, at the
+    smallest image holding 2x2 patches, so even XL runs on a CPU in about a second."""
+    p = pixnerd.CONFIGS[name]["patch"]
+    torch.manual_seed(0)
+    model = pixnerd.create_model(name, 2 * p, 10, repa=True, depth=1, nerf_depth=1, repa_layer=1)
+    z, t, y = torch.randn(2, 3, 2 * p, 2 * p), torch.rand(2), torch.tensor([3, 10])
+    out = model(z, t, y)
+    assert out.shape == z.shape
+    assert torch.count_nonzero(out) == 0                          # zero-init output layer: exactly 0 at init
+    randomize_output_layer(model)
+    v, h = model(z, t, y, return_repa=True)
+    assert h.shape == (2, 4, pixnerd.REPA_DIM)
+    (v.square().mean() + h.square().mean()).backward()
+    assert torch.isfinite(v).all() and v.abs().sum() > 0
+    assert model.s_embedder.weight.grad.abs().sum() > 0           # gradient reaches the patch embedding,
+    assert model.field.blocks[0].param_generator.weight.grad.abs().sum() > 0   # the field's weight generator,
+    assert model.repa_proj[0].weight.grad.abs().sum() > 0         # and the REPA projector
+
+
+@pytest.mark.parametrize("name,paper_m", [("PixNerd-L/16", 452), ("PixNerd-XL/16", 700)])
+def test_pixnerd_param_counts_match_paper(name, paper_m):
+    with torch.device("meta"):
+        model = pixnerd.create_model(name, 256, 1000)
+    assert abs(count_params(model) / 1e6 - paper_m) / paper_m < 0.005
+    # The widths the spec states: SwiGLU hidden int(2*4D/3), field generator Linear(D -> 2*64*128).
+    assert model.blocks[0].mlp.w2.in_features == {"PixNerd-L/16": 2730, "PixNerd-XL/16": 3072}[name]
+    assert model.field.blocks[0].param_generator.out_features == 2 * 64 * 128
+    assert model.y_embedder.num_embeddings == 1001                 # 1000 classes + the null label
+
+
+def test_pixnerd_forward_matches_the_official_pixnerdit():
+    """Golden values from the official PixNerDiT (MCG-NJU/PixNerd, pixnerd_c2i.py: hidden 64, 2 groups, 2 + 2
+    blocks, hidden_size_x 16, nerf_mlpratio 2, patch 8, 10 classes) run outside this repo with exactly these
+    weights (its w1, w3 = our w13 split in two); our forward agreed to 6e-6. The weights are a seeded draw in our
+    named_parameters() order, so reordering the modules' creation changes them (and this test)."""
+    model = pixnerd.create_model("tiny", 32, 10)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = 1.0 if name.endswith("norm.weight") or "norm1" in name or "norm2" in name else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + gain)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        out = model(z, torch.tensor([0.3, 0.8]), torch.tensor([4, 10])).double()
+    official_corner = torch.tensor([[-0.2837944030761719, 0.5732701420783997, -0.43238747119903564, 0.0801529735326767],
+                                    [-0.5637578368186951, -0.371263325214386, 0.07434238493442535, -0.6723727583885193],
+                                    [1.1853439807891846, 0.8798385858535767, 1.0416572093963623, 0.5297926664352417]],
+                                   dtype=torch.float64)
+    assert torch.allclose(out[0, :, 0, :4], official_corner, atol=1e-4)
+    assert out[1, 2, 17, 9].item() == pytest.approx(-0.2820431888103485, abs=1e-4)
+    assert out[1, 0, 31, 31].item() == pytest.approx(0.034109994769096375, abs=1e-4)
+    assert out.mean().item() == pytest.approx(0.4028877900200314, abs=1e-5)
+    assert out.abs().mean().item() == pytest.approx(0.7792290544821299, abs=1e-5)
+
+
+def test_pixnerd_patchify_is_channel_major_unfold_and_roundtrips():
+    x = torch.randn(2, 3, 32, 32)
+    tokens = pixnerd.patchify(x, 8)
+    assert torch.equal(tokens, F.unfold(x, 8, stride=8).transpose(1, 2))   # the official layout
+    assert torch.equal(tokens[0, 1, :8], x[0, 0, 0, 8:16])         # token 1 = row 0, col 1; red row first
+    assert torch.equal(tokens[0, 1, 64], x[0, 1, 0, 8])            # then green
+    assert torch.equal(pixnerd.unpatchify(tokens, 8), x)
+
+
+def test_pixnerd_rope_positions_span_0_to_16_and_alternate_x_y():
+    hd, h = 8, 4                                                   # 2 frequencies: 1 and 1e4^(-1/2)
+    cos, sin = pixnerd.rope_2d(hd, h)
+    angle = torch.atan2(sin, cos)                                  # (N, hd), wrapped to (-pi, pi]
+    freqs = torch.tensor([1.0, 1e4 ** -0.5])
+    for n, (row, col) in enumerate([(0, 0), (0, 3), (2, 1)]):
+        tok = row * h + col
+        x_pos, y_pos = 16 * col / 3, 16 * row / 3                  # linspace(0, 16, 4)
+        expected = torch.stack([x_pos * freqs[0], y_pos * freqs[0], x_pos * freqs[1], y_pos * freqs[1]])
+        expected = torch.atan2(expected.sin(), expected.cos()).repeat_interleave(2)   # pairs share an angle
+        assert torch.allclose(angle[tok], expected, atol=1e-5), n
+    # The rotation preserves norms and makes q.k depend on the relative position only.
+    q = torch.randn(1, 1, h * h, hd)
+    assert torch.allclose(pixnerd.apply_rope(q, cos, sin).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+
+
+def test_pixnerd_timestep_embedding_uses_max_period_10():
+    emb = pixnerd.TimestepEmbedder(16)
+    assert torch.allclose(emb.freqs, 10 ** (-torch.arange(128) / 128))
+    assert emb.freqs.min() > 0.1 - 1e-3                            # not DiT's 10000: all frequencies in (0.1, 1]
+
+
+# ---- the neural field --------------------------------------------------------------------------------------------
+
+
+def test_pixnerd_dct_features_shape_and_values():
+    d = pixnerd.dct_features(16)                                   # (P, 64), pixel k = row * 16 + col
+    assert d.shape == (256, 64)
+    f = torch.linspace(0, 8, 8, dtype=torch.float64)
+    weight = 1 / (1 + f[:, None] * f[None, :])                     # (8, 8): 1 / (1 + fx * fy)
+    assert torch.allclose(d[0].double(), weight.reshape(64), atol=1e-6)   # x = y = 0: every cosine is 1
+    assert torch.allclose(d[:, 0], torch.ones(256))                # fx = fy = 0: the constant feature
+    # Top-right pixel (row 0, col 15): x = 1, y = 0 -> feature a*8 + b = cos(pi * f_a) / (1 + f_a * f_b).
+    expected = (torch.cos(math.pi * f)[:, None] * weight).reshape(64)
+    assert torch.allclose(d[15].double(), expected, atol=1e-6)
+    assert abs(d[15, 7 * 8] - 1.0) < 1e-6                          # f = 8 exactly: cos(8 pi) = 1
+    assert abs(d[15, 1 * 8] - math.cos(math.pi * 8 / 7)) < 1e-6    # non-integer frequency 8/7
+    # Pixel (row 5, col 2) at x = 2/15, y = 5/15, feature (fx = f_3, fy = f_6).
+    x, y = 2 / 15, 5 / 15
+    val = math.cos(math.pi * x * f[3]) * math.cos(math.pi * y * f[6]) / (1 + f[3] * f[6])
+    assert abs(d[5 * 16 + 2, 3 * 8 + 6] - val) < 1e-6
+
+
+def test_pixnerd_predicted_field_weights_are_unit_norm_over_the_input_dimension():
+    torch.manual_seed(0)
+    block = pixnerd.NerfBlock(dim=32, width=16, hidden=24)
+    s = torch.randn(5, 32) * 10                                   # any magnitude of s
+    w1, w2 = block.weights(s)
+    assert w1.shape == (5, 16, 24) and w2.shape == (5, 24, 16)
+    assert torch.allclose(w1.norm(dim=1), torch.ones(5, 24), atol=1e-5)   # each output unit: norm 1 over F
+    assert torch.allclose(w2.norm(dim=1), torch.ones(5, 16), atol=1e-5)   # each output unit: norm 1 over M
+    assert not torch.allclose(w1.norm(dim=2), torch.ones(5, 16), atol=1e-2)   # ... and not the other way
+
+
+def test_pixnerd_neural_field_equals_a_per_patch_loop_reference():
+    """The batched (bmm over B*N patches) field against the definition written for one patch at a time."""
+    torch.manual_seed(0)
+    model = pixnerd.create_model("tiny", 32, 10)
+    randomize_output_layer(model)
+    field = model.field
+    BN, P, D = 6, 64, 64
+    pixels, s = torch.randn(BN, P, 3), torch.randn(BN, D)
+    out = field(pixels, s)                                         # (BN, P, 3)
+    dct = pixnerd.dct_features(8)                                  # (P, 64)
+    for n in range(BN):                                            # one patch, its own MLP
+        h = torch.cat([pixels[n], dct], -1) @ field.embed.weight.T + field.embed.bias      # (P, F)
+        for blk in field.blocks:
+            params = blk.param_generator.weight @ s[n] + blk.param_generator.bias          # (2*F*M,)
+            W1 = params[: blk.width * blk.hidden].view(blk.width, blk.hidden)              # (F, M)
+            W2 = params[blk.width * blk.hidden:].view(blk.hidden, blk.width)               # (M, F)
+            W1, W2 = W1 / W1.norm(dim=0, keepdim=True), W2 / W2.norm(dim=0, keepdim=True)   # unit columns
+            hn = h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * blk.norm.weight
+            h = h + F.silu(hn @ W1) @ W2
+        hn = h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * field.norm.weight
+        ref = hn @ field.linear.weight.T + field.linear.bias                               # (P, 3)
+        assert torch.allclose(out[n], ref, atol=1e-5), n
+
+
+def test_pixnerd_field_sees_only_its_own_patch():
+    """Changing the noisy pixels of one patch changes the output of that patch only... after the transformer,
+    which mixes patches: so hold s fixed and perturb the field input directly."""
+    torch.manual_seed(0)
+    model = pixnerd.create_model("tiny", 32, 10)
+    randomize_output_layer(model)
+    pixels, s = torch.randn(4, 64, 3), torch.randn(4, 64)
+    a = model.field(pixels, s)
+    pixels2 = pixels.clone()
+    pixels2[2] += 1
+    b = model.field(pixels2, s)
+    assert torch.equal(a[[0, 1, 3]], b[[0, 1, 3]]) and not torch.allclose(a[2], b[2])
+
+
+# ---- flow matching -------------------------------------------------------------------------------------------------
+
+
+def test_pixnerd_x_v_conversions_roundtrip_and_clamp():
+    g = torch.Generator().manual_seed(0)
+    x, e = (torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    t = torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64)
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
+    v = x - e
+    assert torch.allclose(pixnerd.v_to_x(v, z, t), x, atol=1e-12)
+    assert torch.allclose(pixnerd.x_to_v(x, z, t), v, atol=1e-12)
+    # At t = 1 the clamp caps 1/(1-t) at 1/0.05 = 20: finite, exactly (x - z) * 20; v_to_x stays exact.
+    t1 = torch.ones(4, dtype=torch.float64)
+    assert torch.allclose(pixnerd.x_to_v(x, e, t1), (x - e) / 0.05)
+    assert torch.equal(pixnerd.v_to_x(v, x, t1), x)
+
+
+def test_pixnerd_t_sampler_is_logit_normal_0_1():
+    torch.manual_seed(0)
+    t = pixnerd.sample_t(200_000, "cpu")
+    logit = torch.log(t / (1 - t))
+    assert t.dtype == torch.float32 and 0 < t.min() and t.max() < 1
+    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
+
+
+class Oracle(torch.nn.Module):
+    """Returns the exact velocity x - e of the noise the loss will draw (replayed from the same seed)."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, z, t, y, return_repa=False):
+        return (self.v, self.h) if return_repa else self.v
+
+
+def test_pixnerd_loss_is_zero_for_the_true_velocity_and_label_dropout_hits_null():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    torch.manual_seed(1)
+    pixnerd.sample_t(4, "cpu")
+    e = torch.randn_like(x)                                        # replay the loss's draws: t, then e
+    torch.manual_seed(1)
+    assert pixnerd.flow_loss(Oracle(x - e), x, torch.zeros(4, dtype=torch.long), 10).item() < 1e-12
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, z, t, y):
+            seen.append(y)
+            return torch.zeros_like(z)
+
+    torch.manual_seed(0)
+    for _ in range(50):
+        pixnerd.flow_loss(Spy(), x, torch.zeros(4, dtype=torch.long), 10)
+    frac = (torch.cat(seen) == 10).float().mean().item()           # 200 labels, p = 0.1
+    assert 0.04 < frac < 0.18 and set(torch.cat(seen).tolist()) == {0, 10}
+
+
+def pixnerd_stand_in_encoder(patch, seed=0):
+    """A tiny frozen REPA target with DINOv2's interface: [0, 1] images -> (B, N, 768) per-patch features."""
+    W = torch.randn(3 * patch * patch, pixnerd.REPA_DIM, generator=torch.Generator().manual_seed(seed))
+
+    def encode(x01):
+        return pixnerd.patchify(x01, patch) @ W                    # (B, N, 768)
+    return encode
+
+
+def test_pixnerd_repa_loss_zero_when_aligned_and_grad_reaches_projector_only_through_repa():
+    h = torch.randn(2, 16, 768)
+    assert pixnerd.repa_loss(h, 3 * h).item() == pytest.approx(0, abs=1e-6)   # cosine: scale-free
+    assert pixnerd.repa_loss(h, -h).item() == pytest.approx(2, abs=1e-6)
+    # The training path with a stand-in encoder: loss = MSE + 0.5 * (1 - cos); the projector gets a gradient.
+    torch.manual_seed(0)
+    model = pixnerd.create_model("tiny", 32, 10, repa=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = torch.tensor([1, 2])
+    enc = pixnerd_stand_in_encoder(8)
+    torch.manual_seed(5)
+    loss = pixnerd.flow_loss(model, x, y, 10, encoder=enc, repa_weight=0.5)
+    torch.manual_seed(5)
+    mse = pixnerd.flow_loss(model, x, y, 10)                       # the same draws, no REPA
+    with torch.no_grad():
+        torch.manual_seed(5)
+        t = pixnerd.sample_t(2, "cpu")
+        e = torch.randn_like(x)
+        z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
+        yy = torch.where(torch.rand(2) < 0.1, 10, y)
+        _, hh = model(z, t, yy, return_repa=True)
+        expected = pixnerd.repa_loss(hh, enc((x + 1) / 2))
+    assert loss.item() == pytest.approx(mse.item() + 0.5 * expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.repa_proj.parameters())
+    # ... and an aligned oracle gets zero REPA loss through flow_loss too.
+    oracle = Oracle(torch.zeros_like(x))
+    oracle.h = enc((x + 1) / 2) * 2
+    torch.manual_seed(5)
+    v_only = pixnerd.flow_loss(Oracle(torch.zeros_like(x)), x, y, 10)
+    torch.manual_seed(5)
+    assert pixnerd.flow_loss(oracle, x, y, 10, encoder=enc).item() == pytest.approx(v_only.item(), abs=1e-6)
+
+
+def test_pixnerd_repa_without_dinov2_fails_at_start_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--dinov2-path .*no hubconf.py"):
+        pixnerd.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "nowhere"), "--data", "ffhq128",
+                             "--out", str(tmp_path / "r")])       # fails before looking at the (missing) data
+
+
+# ---- sampler ------------------------------------------------------------------------------------------------------
+
+
+class PixNerdFieldModel(torch.nn.Module):
+    """A stand-in network for the sampler tests: v = fn(z, t, y), with the attributes sample() reads."""
+
+    def __init__(self, fn, num_classes=10, size=8):
+        super().__init__()
+        self.fn, self.num_classes, self.img_size, self.config, self.calls = fn, num_classes, size, "tiny", []
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, y):
+        self.calls.append((z.shape[0], round(float(t[0]), 6)))
+        return self.fn(z, t, y)
+
+
+def test_pixnerd_defaults_and_grid_are_the_papers():
+    assert pixnerd.sampler_defaults("PixNerd-XL/16", 256) == dict(steps=100, cfg=3.5, interval=(0.1, 1.0),
+                                                                  solver="euler")
+    ts = pixnerd.time_grid(100)                                    # float32 values, as the official grid
+    assert len(ts) == 101 and ts[-2] == pytest.approx(0.99) and ts[-1] == 1.0
+    assert np.allclose(ts, np.linspace(0, 1, 101), atol=1e-6)
+    # The CFG interval is tested in float32 like the official code: the grid's 0.1 is not guided, 0.11 is.
+    model = PixNerdFieldModel(lambda z, t, y: torch.zeros_like(z))
+    pixnerd.velocity(model, torch.zeros(1, 3, 8, 8), ts[10], torch.zeros(1, dtype=torch.long), 3.5, (0.1, 1.0))
+    pixnerd.velocity(model, torch.zeros(1, 3, 8, 8), ts[11], torch.zeros(1, dtype=torch.long), 3.5, (0.1, 1.0))
+    assert [b for b, _ in model.calls] == [1, 2]
+
+
+def test_pixnerd_euler_and_heun_are_exact_on_a_linear_field():
+    a = -0.7
+    noise = torch.randn(3, 3, 8, 8, dtype=torch.float64) * 0.3
+    y = torch.zeros(3, dtype=torch.long)
+    m = PixNerdFieldModel(lambda z, t, y: a * z)
+    out = pixnerd.sample(m, y, cfg=1.0, noise=noise.float())       # defaults: Euler, 100 steps
+    assert torch.allclose(out.double(), noise * (1 + a / 100) ** 100, atol=1e-5)
+    assert len(m.calls) == 100
+    m = PixNerdFieldModel(lambda z, t, y: a * z)
+    h = 0.1
+    out = pixnerd.sample(m, y, steps=10, cfg=1.0, noise=noise.float(), solver="heun")
+    expected = noise * (1 + h * a + (h * a) ** 2 / 2) ** 9 * (1 + h * a)     # last step Euler
+    assert torch.allclose(out.double(), expected, atol=1e-5) and len(m.calls) == 2 * 9 + 1
+
+
+def test_pixnerd_cfg_on_velocity_inside_the_strict_interval_batched():
+    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)   # label-dependent velocity
+    noise = torch.randn(2, 3, 8, 8) * 0.1
+    y = torch.tensor([2, 5])
+    m1 = PixNerdFieldModel(fn)
+    out1 = pixnerd.sample(m1, y, steps=10, cfg=1.0, noise=noise)
+    assert torch.allclose(out1, noise + (y.float() / 10).view(-1, 1, 1, 1), atol=1e-6)
+    assert all(b == 2 for b, _ in m1.calls)                        # cfg = 1: no unconditional pass at all
+    m3 = PixNerdFieldModel(fn)
+    out3 = pixnerd.sample(m3, y, steps=10, cfg=3.0, noise=noise)   # default interval (0.1, 1)
+    # t = 0, 0.1 (not > 0.1: strict) use v_c; t = 0.2 ... 0.9 (8 steps) use v_u + 3 (v_c - v_u), v_u = 10/10.
+    v_c, v_u = y.float() / 10, torch.ones(2)
+    expected = noise + (0.2 * v_c + 0.8 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
+    assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-5)
+    assert [b for b, _ in m3.calls] == [2, 2] + [4] * 8            # cond + uncond in ONE batched forward
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+
+def test_pixnerd_overfits_one_batch():
+    torch.manual_seed(0)
+    args = pixnerd.get_args(TINY + ["--lr", "2e-3", "--ema", "0.9"])
+    raw, ema, opt = pixnerd.build(args, 8, torch.device("cpu"))
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["weight_decay"] == 0.0   # the paper's AdamW
+    ds = pixnerd.Shapes(32)
+    x = torch.stack([ds[i][0] for i in range(8)])
+    y = torch.tensor([ds[i][1] for i in range(8)])
+    losses = [pixnerd.train_step(raw, ema, opt, x, y, s, args).item() for s in range(1, 81)]
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.5 * first, (first, last)                       # stated factor: the loss at least halves
+
+
+def test_pixnerd_repa_train_step_with_stand_in_encoder():
+    torch.manual_seed(0)
+    args = pixnerd.get_args(TINY + ["--repa", "--lr", "1e-3"])
+    raw, ema, opt = pixnerd.build(args, 8, torch.device("cpu"))
+    assert raw.repa_proj is not None
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    before = raw.repa_proj[0].weight.clone()
+    losses = [pixnerd.train_step(raw, ema, opt, x, torch.arange(4), s, args, pixnerd_stand_in_encoder(8))
+              for s in range(1, 4)]
+    assert all(torch.isfinite(l) for l in losses)
+    assert not torch.equal(raw.repa_proj[0].weight, before)        # the projector is trained
+
+
+def test_pixnerd_cli_smoke_writes_checkpoint_grid_and_log(tmp_path):
+    run = pixnerd.main(TINY + ["--steps", "4", "--batch-size", "8", "--log-every", "2", "--sample-every", "4",
+                               "--ckpt-every", "4", "--out", str(tmp_path / "run")])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["script"] == "pixnerd" and ckpt["step"] == 4 and ckpt["config"] == "tiny" and ckpt["img_size"] == 32
+    assert set(ckpt["model"]) == set(ckpt["ema"]) and not any(k.startswith(("_orig_mod", "module")) for k in
+                                                               ckpt["model"])
+    key = "field.blocks.0.param_generator.weight"
+    assert not torch.equal(ckpt["model"][key], ckpt["ema"][key])  # EMA is a distinct average
+    grid = Image.open(run / "grid_0000004.png")
+    assert grid.size == (8 * 34 + 2, 8 * 34 + 2) and np.asarray(grid).std() > 1
+    assert [r["step"] for r in read_log(run)] == [2, 4] and all(math.isfinite(r["loss"]) for r in read_log(run))
+    # The checkpoint rebuilds the model with create_model + model_kwargs, as sample.py does.
+    model = pixnerd.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema"])
+
+
+def test_pixnerd_repa_cli_run_with_stand_in_encoder_round_trips(tmp_path):
+    run = pixnerd.main(TINY + ["--repa", "--steps", "2", "--batch-size", "4", "--sample-every", "100",
+                               "--out", str(tmp_path / "r")], encoder=pixnerd_stand_in_encoder(8))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["model_kwargs"] == {"repa": True} and "repa_proj.0.weight" in ckpt["ema"]
+    pixnerd.create_model("tiny", 32, ckpt["num_classes"], **ckpt["model_kwargs"]).load_state_dict(ckpt["ema"])
+
+
+def test_pixnerd_resume_continues_with_identical_losses(tmp_path):
+    common = TINY + ["--batch-size", "4", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "2"]
+    pixnerd.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
+    pixnerd.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    pixnerd.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]        # steps 3, 4 after resume: bit-identical
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["data"] == {"epoch": 0, "pos": 4}
+
+
+def test_pixnerd_resume_refuses_other_scripts_configs_and_existing_runs(tmp_path):
+    run = tmp_path / "run"
+    pixnerd.main(TINY + ["--steps", "1", "--batch-size", "4", "--sample-every", "100", "--out", str(run)])
+    other = tmp_path / "other.pt"
+    torch.save(dict(script="jit", args={}), other)
+    with pytest.raises(SystemExit, match="checkpoint of jit.py, not of pixnerd.py"):
+        pixnerd.main(TINY + ["--resume", str(other)])
+    with pytest.raises(SystemExit, match="--resume: the checkpoint has config='tiny'"):
+        pixnerd.main(TINY[2:] + ["--config", "PixNerd-S/8", "--out", str(run), "--resume"])
+    with pytest.raises(SystemExit, match="--resume: the checkpoint has repa=False"):
+        pixnerd.main(TINY + ["--repa", "--out", str(run), "--resume"], encoder=pixnerd_stand_in_encoder(8))
+    with pytest.raises(SystemExit, match="exists: pass --resume"):  # never silently overwrite a run
+        pixnerd.main(TINY + ["--steps", "2", "--batch-size", "4", "--out", str(run)])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        pixnerd.main(TINY + ["--resume", str(tmp_path / "nothing")])
+
+
+def test_pixnerd_clear_errors_for_missing_data_and_bad_config(tmp_path):
+    with pytest.raises(SystemExit, match="data/ffhq128 not found. To get it: download the FFHQ"):
+        pixnerd.main(TINY + ["--data", "ffhq128", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="unknown --config"):
+        pixnerd.main(TINY[2:] + ["--config", "PixNerd-Z", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="not a multiple of the patch size"):
+        pixnerd.create_model("tiny", 36, 10)

@@ -1,0 +1,1050 @@
+"""
+PixNerd: "PixNerd: Pixel Neural Field Diffusion" (Shuai Wang, Ziteng Gao, Chenhui Zhu, Weilin Huang, Limin Wang,
+arXiv 2507.23268)
+
+A single-scale, single-stage pixel-space diffusion transformer with big 16x16 patches (256 tokens at 256px, as many
+as a latent DiT-XL/2). A plain linear head cannot paint the 768 values of such a patch well, so PixNerd replaces
+the final linear layer by a per-patch NEURAL FIELD: the transformer's last hidden state of each patch is turned
+into the weights of a small MLP, and that MLP maps (noisy pixel value, DCT encoding of the pixel's position in the
+patch) -> the pixel's velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE, qk-norm) trained with flow
+matching (velocity target, logit-normal t) and, optionally, REPA alignment to DINOv2 features.
+
+Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
+Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens (patches), D width,
+        P=p*p pixels per patch, F field width (64), M field MLP hidden (128), E=768 DINOv2 feature width.
+
+    python pixnerd.py                                    # built-in "shapes" data, PixNerd-S/8 (45M) at 64px
+    python pixnerd.py --data ffhq128                     # FFHQ 128x128 (see README for the download)
+    torchrun --nproc_per_node=8 pixnerd.py --data imagenet --config PixNerd-L/16     # the paper's ImageNet-256
+    python pixnerd.py --data imagenet --dinov2-path ~/dinov2   # REPA (on for imagenet) from a local dinov2 clone
+    python sample.py runs/pixnerd-shapes --grid grid.png # sample a checkpoint (sample.py)
+
+Official code: MCG-NJU/PixNerd (Lightning + YAML). Differences from it: grep "DIFF:".
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+SCRIPT = "pixnerd"  # written into every checkpoint; sample.py dispatches on it
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 1. Configs (paper, Experiments; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
+# ---------------------------------------------------------------------------------------------------------------
+# depth: transformer blocks ("num_cond_blocks"), width/heads: their size, patch: the patch side p.
+# nerf_depth: neural-field blocks ("num_blocks - num_cond_blocks"), nerf_width: field width F ("hidden_size_x"),
+# nerf_hidden: hidden width M of each field MLP (F * "nerf_mlpratio" = 64 * 2). repa_layer: the transformer block
+# whose output REPA aligns to DINOv2 ("align_layer", counted from 1).
+CONFIGS = {
+    "PixNerd-L/16": dict(depth=22, width=1024, heads=16, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
+                         repa_layer=8),   # 452.1M params (paper: 452M)
+    "PixNerd-XL/16": dict(depth=26, width=1152, heads=16, patch=16, nerf_depth=4, nerf_width=64, nerf_hidden=128,
+                          repa_layer=8),  # 700.6M params (paper: 700M)
+    # Not in the paper: a DiT-B-sized PixNerd, our FFHQ-128 default (64 tokens at 128px); 154.1M params with 1
+    # class, 25M of them in the two field weight generators Linear(768 -> 16384).
+    "PixNerd-B/16": dict(depth=12, width=768, heads=12, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
+                         repa_layer=4),
+    # Not in the paper: a DiT-S-sized PixNerd with 8x8 patches, our default for the built-in shapes data at 64px
+    # (64 tokens, a 64-pixel field per patch); 44.8M params with 8 classes, 12.6M of them in the two field
+    # weight generators Linear(384 -> 16384).
+    "PixNerd-S/8": dict(depth=12, width=384, heads=6, patch=8, nerf_depth=2, nerf_width=64, nerf_hidden=128,
+                        repa_layer=4),
+    # For the tests only: one forward+backward at 32px in milliseconds on a CPU.
+    "tiny": dict(depth=2, width=64, heads=2, patch=8, nerf_depth=2, nerf_width=16, nerf_hidden=32, repa_layer=1),
+}
+REPA_DIM = 768  # width E of the DINOv2 ViT-B/14 patch tokens that REPA aligns to (official proj_encoder_dim)
+
+# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
+# the command line. The paper trains with a constant lr 1e-4 at (inferred) global batch 256, no warmup, no scaling.
+# DIFF: for the built-in shapes demo we use lr 2e-4 so a 10k-step run moves visibly; ffhq128 and imagenet keep the
+# paper's 1e-4. REPA is on for imagenet (the paper's setting; needs DINOv2, see --repa) and off elsewhere.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="PixNerd-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="PixNerd-B/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    "imagenet": dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=800_000, lr=1e-4,
+                     sample_every=10_000, ckpt_every=10_000, repa=True),  # official max_steps 800k
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 2. Building blocks (a DiT with LLaMA-style parts; official pixnerd_c2i.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain, computed in fp32 whatever the autocast dtype (eps 1e-6, official).
+    DIFF: the official RMSNorm multiplies its fp32 gain into the result after casting back, so under bf16 autocast
+    it returns fp32 (and the adaLN modulation then runs in fp32); we return the input dtype, so it runs in bf16:
+    a rounding-level difference."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):  # x: (B, N, D), shift/scale: (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): 256 sinusoidal features ordered [cos | sin], then Linear, SiLU, Linear.
+    Note max_period = 10 (official), not DiT's 10000: with t fed raw in [0, 1] (not t*1000), the frequencies
+    are 10^(-k/128), all in (0.1, 1]."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                           # (B,)
+        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
+
+
+def rope_2d(head_dim, h, theta=10_000.0, span=16.0):
+    """2D rotary embedding of the official precompute_freqs_cis_2d. Returns cos, sin of shape (N, head_dim).
+    - Positions: per axis linspace(0, span=16, h), whatever h is. The grid always spans [0, 16]: at 256px (h=16)
+      the positions are 0, 16/15, ..., 16; at 512px (h=32) the same range is sampled twice as densely ("position
+      interpolation"), which is how the paper fine-tunes 256 -> 512.
+    - Frequencies: head_dim/4 of them, theta^(-arange(0, head_dim, 4)/head_dim), shared by the x and y axes.
+    - Layout: channel pairs (2i, 2i+1) rotate together; pair 0 by the column (x) angle of frequency 0, pair 1 by
+      the row (y) angle of frequency 0, pair 2 by x with frequency 1, ...: x and y alternate pair by pair."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)   # (hd/4,)
+    pos = torch.linspace(0, span, h, dtype=torch.float64)                                  # (h,)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")                                     # (h, h) each
+    x_angle = col.reshape(-1, 1) * freqs                                                   # (N, hd/4)
+    y_angle = row.reshape(-1, 1) * freqs                                                   # (N, hd/4)
+    angle = torch.stack([x_angle, y_angle], dim=-1).reshape(h * h, head_dim // 2)          # (N, hd/2): x,y,x,y..
+    angle = angle.repeat_interleave(2, dim=-1)                                             # (N, hd): per channel
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, heads, N, hd). Rotates each adjacent channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin):
+    the official complex product (x0 + i x1) * e^(i angle), written with real numbers (torch.compile-friendly)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, N, hd/2) each
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, N, hd): "rotate_half", interleaved
+    return x.float() * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, proj with bias, qk-RMSNorm per head before RoPE (official)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):                                            # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases, hidden = int(2 * 4D / 3) (2730 for D=1024, 3072 for D=1152).
+    DIFF: the official FeedForward has separate w1 and w3 Linears; we fuse them into one Linear(D -> 2*hidden)
+    (one matmul instead of two; the same parameters, stacked)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        x1, x3 = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(x1) * x3)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-RMSNorm block with adaLN (DiT): c -> (shift, scale, gate) for attention and for the MLP, gated
+    residuals. c = silu(t_emb + y_emb) already carries the SiLU, so adaLN is a bare Linear(D -> 6D); it keeps
+    PyTorch's default init (NOT zero as DiT's adaLN-Zero): the official code never re-initialises it."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim)
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, cos, sin):                      # x: (B, N, D), c: (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+def patchify(x, p):                                         # (B, C, H, W) -> (B, N, C*p*p)
+    """CHANNEL-MAJOR patches, the layout of F.unfold that the official code uses: value index c*p*p + i*p + j
+    (all of the red channel, then green, then blue). Token n = row * w + col."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)               # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                         # (B, h, w, C, p, p): pixel column fastest
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p):                                       # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
+    B, N, _ = x.shape
+    h = math.isqrt(N)
+    x = x.reshape(B, h, h, -1, p, p)                        # (B, h, w, C, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)                         # (B, C, h, p, w, p)
+    return x.reshape(B, -1, h * p, h * p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 3. The neural field head (paper, Method: the point of the paper; official NerfEmbedder, NerfBlock) ----
+# ---------------------------------------------------------------------------------------------------------------
+# A neural field is a function of a coordinate: here, inside each p x p patch, an MLP maps a pixel's position
+# (and its noisy value) to that pixel's velocity. Its weights are not learned directly: they are PREDICTED per
+# patch from the transformer's hidden state of that patch, so every patch gets its own little MLP. Step by step,
+# for one patch with condition vector s (D,) and its P = p*p noisy pixels:
+#   1. coordinates:  each pixel (i, j) gets 64 DCT-basis features cos(pi*x*fx) * cos(pi*y*fy) / (1 + fx*fy)
+#                    (dct_features); concatenated with its 3 noisy RGB values and embedded by a Linear(67 -> F).
+#   2. weights:      per field block, a Linear(D -> 2*F*M) turns s into W1 (F x M) and W2 (M x F). Both are
+#                    L2-normalised over their INPUT dimension (each output unit's weight vector has norm 1:
+#                    the paper's "row-wise normalization"), which keeps the predicted MLP well-scaled whatever
+#                    the magnitude of s.
+#   3. the MLP:      h = h + silu(RMSNorm(h) @ W1) @ W2 (a pre-norm residual MLP, no biases), once per field block.
+#   4. output:       RMSNorm(F) -> Linear(F -> 3), zero-initialised, gives the pixel's velocity.
+# All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches.
+NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs): 8 x 8 = 64 coordinate features
+
+
+def dct_features(p, num_freqs=NERF_FREQS):
+    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos).
+    Pixel k = i*p + j (row i, column j) sits at x = j/(p-1), y = i/(p-1) in [0, 1]. Feature a*num_freqs + b is
+    cos(pi * x * f_a) * cos(pi * y * f_b) / (1 + f_a * f_b) with f = linspace(0, 8, 8): note the frequencies
+    are NOT the integers 0..7 of a true DCT (0, 8/7, 16/7, ..., 8, as the official code), and the 1/(1 + fx*fy)
+    weight damps the high frequencies."""
+    pos = torch.linspace(0, 1, p, dtype=torch.float64)                                  # (p,)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")                                      # (p, p): row, column
+    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                                     # (P, 1, 1)
+    f = torch.linspace(0, num_freqs, num_freqs, dtype=torch.float64)                    # (8,)
+    fx, fy = f.view(1, -1, 1), f.view(1, 1, -1)                                         # (1, 8, 1), (1, 1, 8)
+    basis = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)   # (P, 8, 8): fx outer
+    return basis.reshape(p * p, num_freqs * num_freqs).float()                          # (P, 64)
+
+
+class NerfBlock(nn.Module):
+    """One residual MLP layer of the per-patch neural field, with weights predicted from s (steps 2 and 3)."""
+
+    def __init__(self, dim, width, hidden):
+        super().__init__()
+        self.width, self.hidden = width, hidden
+        self.param_generator = nn.Linear(dim, 2 * width * hidden)    # s -> [W1 | W2], with bias (official)
+        self.norm = RMSNorm(width)
+
+    def weights(self, s):                                            # s: (B*N, D)
+        """The predicted field weights of every patch: W1 (B*N, F, M) and W2 (B*N, M, F), each column (one
+        output unit) of unit L2 norm over the input dimension, dim=-2 (official F.normalize(dim=-2))."""
+        w1, w2 = self.param_generator(s).chunk(2, dim=-1)            # (B*N, F*M) each
+        w1 = F.normalize(w1.view(-1, self.width, self.hidden), dim=-2)   # (B*N, F, M): unit norm over F
+        w2 = F.normalize(w2.view(-1, self.hidden, self.width), dim=-2)   # (B*N, M, F): unit norm over M
+        return w1, w2
+
+    def forward(self, h, s):                                         # h: (B*N, P, F), s: (B*N, D)
+        w1, w2 = self.weights(s)
+        return h + torch.bmm(F.silu(torch.bmm(self.norm(h), w1)), w2)    # (B*N, P, M) -> (B*N, P, F)
+
+
+class NeuralField(nn.Module):
+    """The head that replaces DiT's final linear layer: noisy patch pixels + per-patch condition s -> velocity."""
+
+    def __init__(self, dim, patch, width, hidden, depth):
+        super().__init__()
+        self.register_buffer("dct", dct_features(patch), persistent=False)    # (P, 64)
+        self.embed = nn.Linear(3 + NERF_FREQS ** 2, width)                     # step 1: [RGB, DCT] -> F
+        self.blocks = nn.ModuleList([NerfBlock(dim, width, hidden) for _ in range(depth)])
+        self.norm = RMSNorm(width)
+        self.linear = nn.Linear(width, 3)                                      # step 4 (zero-init in the model)
+
+    def forward(self, pixels, s):                            # pixels: (B*N, P, 3), s: (B*N, D)
+        dct = self.dct.to(pixels.dtype).expand(pixels.shape[0], -1, -1)     # (B*N, P, 64): same for every patch
+        h = self.embed(torch.cat([pixels, dct], dim=-1))     # (B*N, P, 67) -> (B*N, P, F)
+        for block in self.blocks:
+            h = block(h, s)                                  # (B*N, P, F)
+        return self.linear(self.norm(h))                     # (B*N, P, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 4. The model (paper, Method and the architecture figure; official PixNerDiT) ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PixNerd(nn.Module):
+    """z (B,3,H,W), t (B,), y (B,) -> the predicted velocity v = x - e (B,3,H,W).
+    With return_repa=True (training with REPA) it also returns the projected hidden state of block repa_layer,
+    (B, N, E), which the REPA loss aligns to DINOv2 features."""
+
+    def __init__(self, config, img_size, num_classes, depth, width, heads, patch, nerf_depth, nerf_width,
+                 nerf_hidden, repa_layer, repa=False):
+        super().__init__()
+        if img_size % patch:
+            raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {patch}.")
+        if width % heads or (width // heads) % 4:
+            raise SystemExit(f"config {config}: width {width} / heads {heads} must give a head_dim divisible by 4.")
+        self.config, self.img_size, self.num_classes = config, img_size, num_classes
+        self.patch, self.repa_layer = patch, repa_layer
+        h = img_size // patch                                              # patch grid side
+        self.s_embedder = nn.Linear(3 * patch * patch, width)              # patch embed: no norm, no pos-embed
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = nn.Embedding(num_classes + 1, width)             # row num_classes = null label (CFG)
+        cos, sin = rope_2d(width // heads, h)
+        self.register_buffer("rope_cos", cos, persistent=False)            # (N, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([TransformerBlock(width, heads) for _ in range(depth)])
+        self.field = NeuralField(width, patch, nerf_width, nerf_hidden, nerf_depth)
+        # REPA projector (official REPATrainer.proj): Linear(D,D), SiLU, Linear(D,D), SiLU, Linear(D,E).
+        # DIFF: the official code keeps it in the trainer; we make it a submodule of the model when training with
+        # REPA, so one optimizer, one state dict and DDP cover it. It is also EMA-averaged (unused, harmless) and
+        # never called at sampling time; without --repa it does not exist (param counts are the paper's).
+        self.repa_proj = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                       nn.Linear(width, REPA_DIM)) if repa else None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Official initialize_weights: only these are re-initialised; every other layer (attention, SwiGLU,
+        # adaLN, field weight generators, pixel embed, REPA projector) keeps PyTorch's default init.
+        nn.init.xavier_uniform_(self.s_embedder.weight)                    # patch embed as a Linear (DiT)
+        nn.init.zeros_(self.s_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.field.linear.weight)                           # the model outputs exactly 0 at init
+        nn.init.zeros_(self.field.linear.bias)
+
+    def forward(self, z, t, y, return_repa=False):
+        B = z.shape[0]
+        zp = patchify(z, self.patch)                             # (B, N, 3*P): noisy patches, channel-major
+        t_emb = self.t_embedder(t)                               # (B, D)
+        c = F.silu(t_emb + self.y_embedder(y))                   # (B, D): the adaLN condition
+        s = self.s_embedder(zp)                                  # (B, N, D): the transformer's token stream
+        repa = None
+        for i, block in enumerate(self.blocks):
+            s = block(s, c, self.rope_cos, self.rope_sin)        # (B, N, D)
+            if return_repa and i + 1 == self.repa_layer:         # official: a hook on blocks[align_layer - 1]
+                repa = self.repa_proj(s)                         # (B, N, E)
+        # The field's condition: the last hidden state plus the t embedding (NOT the class: y reaches the field
+        # only through the transformer), through a SiLU. No final norm (official).
+        s = F.silu(t_emb.unsqueeze(1) + s)                       # (B, N, D)
+        N, P = s.shape[1], self.patch ** 2
+        pixels = zp.reshape(B * N, 3, P).transpose(1, 2)         # (B*N, P, 3): one row per pixel, RGB
+        v = self.field(pixels, s.reshape(B * N, -1))             # (B*N, P, 3)
+        v = v.transpose(1, 2).reshape(B, N, 3 * P)               # (B, N, 3*P), channel-major again
+        v = unpatchify(v, self.patch)                            # (B, 3, H, W)
+        return (v, repa) if return_repa else v
+
+
+def create_model(config, img_size, num_classes, repa=False, **overrides):
+    """The PixNerd of CONFIGS[config]; repa=True adds the REPA projector (training with --repa). `overrides`
+    replace config entries (e.g. depth=2 in the tests)."""
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
+    return PixNerd(config, img_size, num_classes, repa=repa, **dict(CONFIGS[config], **overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 5. Flow matching and REPA (paper, Method / implementation details; official training_repa.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+# z = t*x + (1-t)*e and the network predicts v = dz/dt = x - e directly (official LinearScheduler: alpha=t,
+# sigma=1-t, dalpha=1, dsigma=-1). From (z, t) and v:  x = z + (1-t)*v,  e = z - t*v.
+# Conversely v = (x - z)/(1-t), which blows up at the data end t=1; x_to_v clamps (1-t) at T_EPS = 0.05 like JiT.
+# The official code never converts (it only ever needs v); the helpers are here for sample.py and for reading.
+T_EPS = 0.05
+LABEL_DROP = 0.1            # probability of replacing the label by the null class (official null_condition_p)
+REPA_WEIGHT = 0.5           # weight of the REPA cosine loss (official feat_loss_weight)
+
+
+def _bcast(t):              # (B,) -> (B, 1, 1, 1)
+    return t.view(-1, 1, 1, 1)
+
+
+def v_to_x(v, z, t):
+    """x = z + (1-t) * v: exact on the straight path, no clamp needed."""
+    return z + (1 - _bcast(t)) * v
+
+
+def x_to_v(x_pred, z, t):
+    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (capped weight 20)."""
+    return (x_pred - z) / (1 - _bcast(t)).clamp_min(T_EPS)
+
+
+def sample_t(n, device):
+    """Logit-normal t = sigmoid(N(0, 1)) (official lognorm_t=True, no time shift at 256px), in fp32."""
+    return torch.sigmoid(torch.randn(n, device=device, dtype=torch.float32))
+
+
+def repa_loss(h, target):
+    """REPA (Yu et al. 2024): mean over patches and batch of 1 - cos(projected hidden state, encoder feature).
+    h, target: (B, N, E). Zero when every projected token points in the same direction as its target."""
+    return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
+
+
+def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
+    """Training loss: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss.
+    MSE between the predicted and the true velocity v = x - e (mean over C, H, W and the batch), plus, when an
+    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected block-8 hidden state and the encoder's
+    patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1] images -> (B, N, E) (load_dinov2)."""
+    B = x.shape[0]
+    t = sample_t(B, x.device)                                           # (B,), fp32 (an official pitfall: bf16)
+    e = torch.randn_like(x)                                             # (B, 3, H, W), fp32
+    z = _bcast(t) * x + (1 - _bcast(t)) * e                             # noisy image z_t
+    v = x - e                                                           # target velocity dz/dt
+    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
+    if encoder is None:
+        return (model(z, t, y).float() - v).pow(2).mean()
+    v_pred, h = model(z, t, y, return_repa=True)                        # (B, 3, H, W), (B, N, E)
+    with torch.no_grad():
+        target = encoder((x + 1) / 2)                                   # (B, N, E): [0, 1] input, no grad
+    return (v_pred.float() - v).pow(2).mean() + repa_weight * repa_loss(h, target)
+
+
+# ---- REPA's frozen target: DINOv2 ViT-B/14 (official src/models/encoder.py) ----
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # timm IMAGENET_DEFAULT_MEAN/STD
+
+
+def load_dinov2(device, patch, path=None):
+    """The frozen REPA target as a plain callable: clean images in [0, 1] (B,3,H,W) -> DINOv2 ViT-B/14 patch
+    tokens (B, N, E), the x_norm_patchtokens of the official wrapper (src/models/encoder.py), which also feeds
+    it the [0, 1] raw image. ImageNet mean/std normalisation, then a bicubic resize to 14 * (H / patch), so the
+    ViT-B/14 sees one 14x14 patch per PixNerd patch (224px at 256px: N tokens on both sides).
+    DIFF: the official code resizes to 14*H/16 and truncates the PixNerd tokens if the counts differ; we resize
+    to 14*H/patch, the same at patch 16 and token-aligned for small configs with other patches.
+    Loaded with torch.hub from GitHub (code and ~350 MB of weights, cached in $TORCH_HOME/hub), or from a local
+    clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache).
+    Any callable with this signature can stand in for it (the tests use a tiny fixed one).
+    DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only: ~8% of the FLOPs
+    of a PixNerd-L/16 training step)."""
+    if path and not Path(path, "hubconf.py").is_file():
+        raise SystemExit(f"--dinov2-path {path}: no hubconf.py there; pass a clone of "
+                         "https://github.com/facebookresearch/dinov2, or train with --no-repa.")
+    try:
+        if path:
+            net = torch.hub.load(path, "dinov2_vitb14", source="local")
+        else:
+            net = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True)
+    except Exception as err:  # no network, no cached weights, a broken checkout: all end the same way
+        raise SystemExit(f"--repa: could not load DINOv2 ViT-B/14 ({type(err).__name__}: {str(err)[:200]}). "
+                         "Connect once to the internet (torch.hub caches it in ~/.cache/torch/hub), or pass "
+                         "--dinov2-path to a clone of github.com/facebookresearch/dinov2 (with "
+                         "dinov2_vitb14_pretrain.pth in ~/.cache/torch/hub/checkpoints), or train with --no-repa.")
+    net = net.to(device).eval().requires_grad_(False)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def encode(x01):                                                  # (B, 3, H, W) in [0, 1]
+        size = (14 * (x01.shape[-2] // patch), 14 * (x01.shape[-1] // patch))
+        x = F.interpolate((x01.float() - mean) / std, size=size, mode="bicubic")   # normalise, resize (official)
+        # Under the training step's bf16 autocast (bf16 matmuls, fp32 weights and input), as the official
+        # trainer; an early official version cast DINOv2 itself to bf16 (a pitfall we avoid).
+        return net.forward_features(x)["x_norm_patchtokens"]         # (B, N, 768)
+    return encode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 6. Sampler (paper, implementation details; official flow_matching/sampling.py EulerSampler) ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sampler_defaults(config, img_size):
+    """The paper's sampler for every config and size: Euler, 100 steps, CFG 3.5 on the velocity for
+    0.1 < t < 1 (official guidance_interval_min/max), no time shift."""
+    return dict(steps=100, cfg=3.5, interval=(0.1, 1.0), solver="euler")
+
+
+@torch.no_grad()
+def velocity(model, z, t, y, cfg, interval):
+    """v(z, t) with classifier-free guidance on the velocity: v_u + w * (v_c - v_u), applied only when
+    interval[0] < t < interval[1] (strict, as the official code). t is a python float (the same for the batch);
+    the test is done in float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
+    Inside the interval cond and uncond run as ONE batched forward (2B).
+    DIFF: the official sampler always runs both halves and uses a scale of 1 outside the interval; we skip the
+    unconditional half there: the same result, with 10% fewer network evaluations at interval (0.1, 1)."""
+    B = z.shape[0]
+    tt = torch.full((B,), t, device=z.device)
+    t32 = torch.tensor(t, dtype=torch.float32)                                 # CPU scalar: no GPU sync
+    if cfg != 1.0 and bool((t32 > interval[0]) & (t32 < interval[1])):
+        null = torch.full_like(y, model.num_classes)
+        v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+        return v_u + cfg * (v_c - v_u)
+    return model(z, tt, y).float()
+
+
+def time_grid(steps):
+    """The official Euler grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
+    0.99, 1 for 100 steps). It is the uniform grid linspace(0, 1, steps+1), written as the official code builds it."""
+    return torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]).tolist()
+
+
+@torch.no_grad()
+def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data). Euler (the paper's) or Heun (2nd order; its last
+    step is Euler, as the official HeunSampler). Returns images (B,3,H,W) in [-1, 1]. None arguments take the
+    paper's defaults (sampler_defaults). `noise` (B,3,H,W) overrides the starting noise.
+    DIFF: the official HeunSampler (unused in their configs) by default reuses the corrector's velocity as the
+    next step's predictor and guides at every t; our Heun is the textbook one (2 evaluations per step) with the
+    same CFG interval as Euler."""
+    d = sampler_defaults(model.config, model.img_size)
+    steps = steps or d["steps"]
+    cfg = d["cfg"] if cfg is None else cfg
+    cfg = 1.0 if model.num_classes == 1 else cfg           # unconditional data: nothing to guide towards
+    interval = interval or d["interval"]
+    solver = solver or d["solver"]
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"unknown solver {solver!r}: pixnerd.py samples with 'euler' (the paper's) or 'heun'")
+    dev = next(model.parameters()).device
+    y = y.to(dev)
+    B, H = y.shape[0], model.img_size
+    if noise is None:
+        noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
+    z = noise.to(dev, torch.float32)                          # z_0 = e ~ N(0, I)
+    ts = time_grid(steps)
+    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+            t, t_next = ts[i], ts[i + 1]
+            v = velocity(model, z, t, y, cfg, interval)
+            if solver == "heun" and i < steps - 1:
+                v_next = velocity(model, z + (t_next - t) * v, t_next, y, cfg, interval)
+                z = z + (t_next - t) * 0.5 * (v + v_next)
+            else:                                              # Euler step (solver="euler", or the last step)
+                z = z + (t_next - t) * v
+    return z.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 7. Data (ADM center crop, no flip: official PixImageNet) ----
+# ---------------------------------------------------------------------------------------------------------------
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
+    "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
+               "~2 GB) and put them in data/ffhq128/ (subfolders are fine), or pass --data /path/to/folder",
+    "imagenet": "put the ImageNet-1k train split (one subfolder per class, e.g. data/imagenet/n01440764/*.JPEG) "
+                "in data/imagenet/, or pass --data /path/to/train",
+}
+
+
+def center_crop_arr(img, size):
+    """ADM center crop (guided-diffusion; official center_crop_fn): halve with a box filter while the short side
+    is >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3)
+    uint8. (An early official version took the center 256px without resizing: a pitfall we avoid.)"""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image under `root`, searched recursively. Class subfolders (ImageNet layout: every image inside a
+    top-level folder) give class labels; otherwise (FFHQ) one class. Returns (uint8 (3, H, W), label): the
+    normalisation to [-1, 1] happens on the GPU (train_step) so the host only moves bytes."""
+
+    def __init__(self, root, size, class_cond=True):
+        self.root, self.size = Path(root), size
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
+        if not self.files:
+            raise SystemExit(f"no images (png/jpg/jpeg/webp) found under {root}: check the --data path.")
+        top = [p.relative_to(self.root).parts for p in self.files]
+        if class_cond and all(len(parts) > 1 for parts in top):
+            self.classes = sorted({parts[0] for parts in top})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[parts[0]] for parts in top]
+        else:
+            self.classes, self.labels = ["all"], [0] * len(self.files)
+        self.bad = 0    # unreadable files met by this process (each DataLoader worker counts its own)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        for j in range(i, i + 100):                    # an unreadable file is replaced by the next readable one
+            path = self.files[j % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_arr(img.convert("RGB"), self.size)
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[j % len(self.files)]
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                self.bad += 1
+                warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
+        raise SystemExit(f"100 unreadable images in a row under {self.root}: is this an image folder?")
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Built-in labelled data, so `python pixnerd.py` runs with no download: one coloured shape (the class) on a
+    two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
+    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
+    classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
+
+    def __init__(self, size, n=20_000):
+        self.size, self.n = size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        label = int(rng.integers(len(self.classes)))
+        S = 4 * self.size
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)             # background gradient colours
+        gy, gx = np.mgrid[0:S, 0:S] / S - 0.5                                   # (S, S) coordinates
+        a = rng.uniform(0, 2 * np.pi)                                           # gradient direction
+        ramp = np.clip(gx * np.cos(a) + gy * np.sin(a) + 0.5, 0, 1)[..., None]  # (S, S, 1) in [0, 1]
+        img = Image.fromarray((c0 * (1 - ramp) + c1 * ramp).astype(np.uint8))   # (S, S, 3)
+        draw = ImageDraw.Draw(img)
+        r = rng.uniform(0.18, 0.35) * S                                         # shape radius
+        cx, cy = rng.uniform(r, S - r, 2)
+        a0 = rng.uniform(0, 2 * np.pi)                                          # rotation
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+
+        def polygon(k, radius=r, phase=0.0):                                    # regular k-gon vertices
+            return [(cx + radius * np.cos(a0 + phase + 2 * np.pi * j / k),
+                     cy + radius * np.sin(a0 + phase + 2 * np.pi * j / k)) for j in range(k)]
+
+        name = self.classes[label]
+        if name == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif name == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=int(r * 0.35))
+        elif name == "square":
+            draw.polygon(polygon(4), fill=color)
+        elif name == "diamond":                                                 # a rhombus: squashed square
+            pts = polygon(4)
+            draw.polygon([(cx + 0.55 * (px - cx), py) if j % 2 else (px, py) for j, (px, py) in enumerate(pts)],
+                         fill=color)
+        elif name == "triangle":
+            draw.polygon(polygon(3), fill=color)
+        elif name == "hexagon":
+            draw.polygon(polygon(6), fill=color)
+        elif name == "star":
+            outer, inner = polygon(5), polygon(5, 0.42 * r, np.pi / 5)
+            draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
+        else:                                                                   # cross: two thick bars
+            for phase in (0.0, np.pi / 2):
+                dx, dy = np.cos(a0 + phase), np.sin(a0 + phase)
+                draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
+        img = img.resize((self.size, self.size), resample=Image.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
+
+
+def resolve_data(name):
+    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
+    if name == "shapes":
+        return "shapes", None
+    if Path(name).is_dir():
+        return "folder", Path(name)
+    if Path("data", name).is_dir():
+        return "folder", Path("data", name)
+    if name in DATA_HELP:
+        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
+    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
+
+
+def make_dataset(args):
+    kind, path = resolve_data(args.data)
+    if kind == "shapes":
+        return Shapes(args.img_size)
+    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
+    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def batches(loader, data_state):
+    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
+    while True:
+        loader.sampler.set_epoch(data_state["epoch"])
+        loader.sampler.skip = data_state["pos"] * loader.batch_size
+        for batch in loader:
+            data_state["pos"] += 1
+            yield batch
+        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 8. Training (paper, implementation details; official lightning_model.py, simple_ema.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
+    DIFF: the official SimpleEMA uses a fixed decay 0.9999 from step 0; we use the warmup
+    decay_k = min(decay, (1 + k) / (10 + k)) (timm / DiT-style). For the paper's 800k-step runs this is the
+    paper's 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random
+    init, and the sample grids would show noise."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.src = [p for p in model.parameters()]
+        self.dst = [p for p in self.model.parameters()]
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
+
+
+def unwrap(model):
+    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def build(args, num_classes, device):
+    """The plain model (with the REPA projector under --repa), its EMA and the optimizer: what main() trains and
+    bench.py times. The frozen REPA encoder is not part of it: main() loads it and hands it to train_step."""
+    raw = create_model(args.config, args.img_size, num_classes, repa=args.repa).to(device)
+    ema = EMA(raw, args.ema)
+    # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no lr schedule, no grad
+    # clipping. fused=True: one kernel for all parameters on CUDA.
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def compile_and_wrap(raw, args, device, ddp=False):
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, ema, opt, x, y, step, args, encoder=None):
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
+    encoder: the frozen REPA target (load_dinov2) with --repa, else None. Returns the loss as a 0-dim tensor
+    without reading it (no host sync). The lr is constant (no schedule, no warmup)."""
+    x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
+    if args.flip:                                                         # off by default: the paper has no flip
+        x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    raw = unwrap(model)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official bf16-mixed.
+        loss = flow_loss(model, x, y, raw.num_classes, encoder, args.repa_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema.update(step)
+    return loss.detach()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def find_checkpoint(path):
+    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def save_grid(images, path, nrow):
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap; uint8 = clip((x+1)*127.5 + 0.5) (official)."""
+    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, H, W, _ = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+def get_args(argv=None, ckpt=None):
+    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
+    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
+    p = argparse.ArgumentParser(description="Train PixNerd (Wang et al., arXiv 2507.23268).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # -- data and model
+    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
+    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
+    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
+    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
+                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flip (default off: the paper uses none)")
+    # -- REPA (representation alignment of block 8 to DINOv2, the paper's ImageNet setting)
+    p.add_argument("--repa", action=argparse.BooleanOptionalAction,
+                   help="REPA loss against frozen DINOv2 ViT-B/14 features (default: on for imagenet)")
+    p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
+    p.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (default: GitHub)")
+    # -- optimisation
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs")
+    p.add_argument("--steps", type=int, help="total optimisation steps")
+    p.add_argument("--lr", type=float, help="constant learning rate (paper: 1e-4)")
+    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
+    # -- run folder, logging, sampling
+    p.add_argument("--out", help="run folder (default runs/pixnerd-DATA)")
+    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
+    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
+    p.add_argument("--cfg", type=float, help="CFG scale for the grids (paper: 3.5)")
+    p.add_argument("--sample-steps", type=int, help="Euler steps for the grids (paper: 100)")
+    # -- system
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--num-workers", type=int, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, help="global seed")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    args = p.parse_args(argv)
+
+    saved = ckpt["args"] if ckpt else {}
+    data = args.data or saved.get("data") or "shapes"
+    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
+    defaults = dict(data="shapes", img_size=256, config="PixNerd-L/16", unconditional=False, flip=False,
+                    repa=False, repa_weight=REPA_WEIGHT, dinov2_path=None, batch_size=256, steps=100_000,
+                    lr=1e-4, ema=0.9999, out=None, ckpt_every=5000, sample_every=5000, log_every=50, cfg=None,
+                    sample_steps=None, compile=None, precision=None, num_workers=min(8, os.cpu_count() or 1),
+                    seed=0, device=None)
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, preset.get(key, default)))
+    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python pixnerd.py`: one
+    process on --device. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def check_compatible(args, ckpt):
+    """A checkpoint continues only the run it came from: same script (checked on load), config, size, REPA."""
+    for key in ("config", "img_size", "repa"):
+        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 9. main ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None, encoder=None):
+    """Train. `encoder` replaces DINOv2 as the REPA target under --repa (a callable as load_dinov2's): tests."""
+    # -- The run's settings. A resumed run re-reads its own settings from the checkpoint (flags given now win).
+    args = get_args(argv)
+    ckpt = None
+    if args.resume is not None:
+        ckpt_path = find_checkpoint(args.resume or args.out)
+        ckpt = load_checkpoint(ckpt_path)
+        args = get_args(argv, ckpt)
+        check_compatible(args, ckpt)
+    elif (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
+    if args.img_size % CONFIGS[args.config]["patch"]:
+        raise SystemExit(f"--img-size {args.img_size} is not a multiple of the patch size of {args.config}.")
+
+    # -- Processes and devices: one process per GPU under torchrun, else one process on --device.
+    rank, world, device = setup_distributed(args)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
+    torch.manual_seed(args.seed + rank)                         # ranks draw different t, noise and label drops
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
+    torch.backends.cudnn.allow_tf32 = True
+    # -- REPA's frozen encoder first, so a missing DINOv2 stops the run at start, before any data is read.
+    if args.repa and encoder is None:
+        if world > 1 and rank != 0:
+            dist.barrier()                                      # rank 0 fills the torch.hub cache first
+        encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
+        if world > 1 and rank == 0:
+            dist.barrier()
+    encoder = encoder if args.repa else None
+
+    # -- Data: the class count comes from the data (1 for a flat folder or FFHQ, 1000 for ImageNet).
+    dataset = make_dataset(args)
+    num_classes = len(dataset.classes)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
+    # -- Model, EMA, optimizer; on resume every piece of state comes back: weights, EMA, Adam moments, step,
+    #    every rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it).
+    raw, ema, opt = build(args, num_classes, device)
+    step, data_state = 0, {"epoch": 0, "pos": 0}
+    if ckpt:
+        if ckpt["num_classes"] != num_classes:
+            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
+                             f"{num_classes}; resume with the data it was trained on.")
+        raw.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, data_state = ckpt["step"], dict(ckpt["data"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        del ckpt
+    model = compile_and_wrap(raw, args, device, ddp=world > 1)
+
+    # -- Loader: uint8 images from worker processes into pinned memory, copied asynchronously (non_blocking) to
+    #    the GPU, where train_step normalises them. persistent_workers keeps the workers alive across epochs.
+    local_batch = args.batch_size // world
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
+                                                              # one, or a resumed run would diverge from the original
+    data = batches(loader, data_state)
+
+    run = Path(args.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{args.config} ({n_params / 1e6:.1f}M params, patch {raw.patch}, REPA {args.repa}) on {len(dataset)} "
+              f"images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, lr {args.lr:.2e}, "
+              f"{args.precision}, compile={args.compile} -> {run}")
+    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
+    gen = torch.Generator().manual_seed(1234)
+    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
+    grid_y = torch.arange(64) % num_classes
+
+    def log_and_check(loss_sum, n, t0):
+        """The only host sync: read the mean loss of the last n steps, stop on NaN/inf, write log.jsonl."""
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        loss = loss_sum.item() / n
+        if not math.isfinite(loss):
+            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
+                             "checkpoint; resume from it with a lower --lr (or --precision fp32).")
+        rate = n * args.batch_size / (time.time() - t0)
+        if rank == 0:
+            with open(run / "log.jsonl", "a") as f:
+                f.write(json.dumps(dict(step=step, loss=loss, lr=args.lr, img_per_s=rate)) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{args.lr:.1e}")
+
+    # -- The loop. The loss stays on the GPU (loss_sum) and is read every --log-every steps only: a .item() per
+    #    step would make the CPU wait for the GPU and leave it idle while the next step is queued.
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
+    loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
+    try:
+        while step < args.steps:
+            x, y = next(data)                                     # (B/world, 3, H, W) uint8, (B/world,) long
+            step += 1
+            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
+                                   y.to(device, non_blocking=True), step, args, encoder)
+            n += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+                log_and_check(loss_sum, n, t0)                     # before any save: never checkpoint a NaN
+                loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
+            if step % args.sample_every == 0 or step == args.steps:   # EMA weights, the paper's sampler
+                if rank == 0:
+                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                rngs = [None] * world
+                if world > 1:
+                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
+                else:
+                    rngs = [rng_state()]
+                if rank == 0:                                     # the checkpoint layout all 4 scripts share
+                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
+                                     num_classes=num_classes, model_kwargs=dict(repa=args.repa),
+                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)),
+                                run / "ckpt.pt")
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run
+
+
+if __name__ == "__main__":
+    main()
