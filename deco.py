@@ -961,6 +961,7 @@ def setup_distributed(args):
     if "RANK" not in os.environ:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda":
+            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
             torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

@@ -537,6 +537,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward, per GPU (not in the results)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image readers for FID")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available; torchrun: local rank)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the network on CUDA (bench.py times the sampler this way)")
     args = p.parse_args(argv)
     if args.n <= 0:
         raise SystemExit(f"--n {args.n}: the number of samples must be positive.")
@@ -590,6 +592,7 @@ def setup_distributed(device_arg):
     if "RANK" not in os.environ:
         device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda":
+            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
             torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -614,6 +617,10 @@ def main(argv=None):
 
     if args.ckpt:
         mod, model, ckpt = load_model(args.ckpt, args.weights, device)
+        if args.compile and device.type == "cuda":
+            # One graph per batch shape (B, and 2B inside the CFG interval); the compiled module forwards the
+            # attributes the scripts' sample() reads (config, img_size, num_classes, ...) to the plain model.
+            model = torch.compile(model, dynamic=False)
         classes = None if args.classes == "balanced" else parse_list(args.classes, int, "--classes")
         if classes and not all(0 <= c < model.num_classes for c in classes):
             raise SystemExit(f"--classes {args.classes}: this model has classes 0..{model.num_classes - 1}.")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import deco
 import jit
 import pixnerd
@@ -813,7 +814,7 @@ def test_sample_resume_skips_existing(runs, tmp_path):
         sample.main([ckpt, "--n", "5", "--outdir", str(out), "--cfg", "1.5"] + FAST)
 
 
-def test_noise_and_labels_are_pure_functions_of_the_index():
+def test_sample_noise_and_labels_are_pure_functions_of_the_index():
     a = sample.sample_noise(7, [0, 1, 2, 3], 8)                                       # (4, 3, 8, 8)
     assert a.shape == (4, 3, 8, 8)
     assert torch.equal(sample.sample_noise(7, [3], 8)[0], a[3])                       # batch-independent
@@ -857,7 +858,7 @@ def random_rotation(d, seed):
     return q
 
 
-def test_frechet_distance_closed_forms():
+def test_sample_frechet_distance_closed_forms():
     rng = np.random.default_rng(0)
     d = 6
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
@@ -874,7 +875,7 @@ def test_frechet_distance_closed_forms():
     assert abs(sample.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
 
 
-def test_frechet_distance_general_covariances_symmetric():
+def test_sample_frechet_distance_general_covariances_symmetric():
     """Non-commuting covariances: Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), computed independently with
     symmetric eigendecompositions; and the distance is symmetric in its two arguments."""
     rng = np.random.default_rng(1)
@@ -890,7 +891,7 @@ def test_frechet_distance_general_covariances_symmetric():
     assert d12 == pytest.approx(d21, rel=1e-10)
 
 
-def test_frechet_distance_singular_covariances(capsys):
+def test_sample_frechet_distance_singular_covariances(capsys):
     """Fewer samples than features make both covariances singular: the eps*I retry keeps the result finite and
     within sqrt(eps) of the closed form."""
     q = random_rotation(5, 2)
@@ -911,7 +912,7 @@ def test_frechet_distance_singular_covariances(capsys):
 # ---- FID Inception -------------------------------------------------------------------------------------------------
 
 
-def test_inception_architecture_and_output():
+def test_sample_inception_architecture_and_output():
     torch.manual_seed(0)
     net = sample.FIDInceptionV3().eval()
     # torchvision's Inception3 without the aux head has 23,834,568 parameters with 1000 classes; with the TF
@@ -930,7 +931,7 @@ def test_inception_architecture_and_output():
     assert not torch.equal(f[0], f[1])
 
 
-def test_inception_preprocessing_and_tf_pools():
+def test_sample_inception_preprocessing_and_tf_pools():
     """pytorch-fid's input path: [0, 255] -> [-1, 1], bilinear to 299 (a 299 image passes unchanged); the TF
     average pool ignores padding (a constant map stays constant at the borders)."""
     x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
@@ -941,7 +942,7 @@ def test_inception_preprocessing_and_tf_pools():
     assert torch.equal(sample.tf_avg_pool(torch.ones(1, 2, 5, 5)), torch.ones(1, 2, 5, 5))
 
 
-def test_inception_weight_loader(inception_file, tmp_path):
+def test_sample_inception_weight_loader(inception_file, tmp_path):
     net = sample.load_inception(inception_file)
     saved = torch.load(inception_file, weights_only=True)
     assert torch.equal(net.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
@@ -958,7 +959,7 @@ def test_inception_weight_loader(inception_file, tmp_path):
         sample.load_inception(tmp_path / "page.pth")
 
 
-def test_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
+def test_sample_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
     """--fid against a reference folder with --save-stats, then --fid against the written samples' own .npz
     (arr_0): the sample statistics are those of the uint8 images written, and the saved statistics are the
     folder's. The 2048-d sqrtm itself (a minute on 2 cores) is replaced by a recorder; the distance is tested
@@ -1417,3 +1418,97 @@ def test_pixnerd_clear_errors_for_missing_data_and_bad_config(tmp_path):
         pixnerd.main(TINY[2:] + ["--config", "PixNerd-Z", "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="not a multiple of the patch size"):
         pixnerd.create_model("tiny", 36, 10)
+
+
+# =================================================================================================================
+# bench.py
+# =================================================================================================================
+
+BENCH_ARGS = ["--script", "jit", "--config", "tiny", "--img-size", "32", "--batch-size", "4", "--device", "cpu"]
+
+
+def test_bench_attention_is_counted_on_cpu():
+    # torch's flop_counter alone counts 0 for the CPU flash kernel; bench adds it: QK^T and PV = 4*B*h*N*N*d
+    # forward, 5 matmuls (10*B*h*N*N*d) backward.
+    B, h, N, d = 2, 3, 40, 16
+    q = torch.randn(B, h, N, d, requires_grad=True)
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 4 * B * h * N * N * d
+    fb = bench.count_flops(lambda: F.scaled_dot_product_attention(q, q, q).sum().backward())
+    assert fb == (4 + 10) * B * h * N * N * d
+    lin = torch.nn.Linear(32, 48)
+    assert bench.count_flops(lambda: lin(torch.randn(5, 32))) == 2 * 5 * 32 * 48
+
+
+def jit_forward_flops(cfg, img_size, in_context=jit.IN_CONTEXT_LEN):
+    """Analytic FLOPs (2 per multiply-add) of one JiT forward, from the config: every Linear / conv, and
+    attention's QK^T and PV. Elementwise ops (norms, RoPE, softmax) are not counted, as in flop_counter."""
+    D, p, db, hidden = cfg["width"], cfg["patch"], cfg["bottleneck"], int(int(4 * cfg["width"]) * 2 / 3)
+    N = (img_size // p) ** 2
+    macs = N * (3 * p * p * db + db * D)                  # bottleneck patch embed
+    macs += 256 * D + D * D                               # timestep MLP
+    for i in range(cfg["depth"]):
+        n = N + (in_context if i >= cfg["ctx_start"] else 0)
+        macs += n * (4 * D * D + 3 * hidden * D)          # qkv, proj, SwiGLU w12 and w3
+        macs += 2 * n * n * D                             # QK^T and PV over all heads
+        macs += 6 * D * D                                 # adaLN (per image, not per token)
+    macs += 2 * D * D + N * D * 3 * p * p                 # final adaLN and linear
+    return 2 * macs
+
+
+def test_bench_flops_of_jit_b16_match_the_formula_and_the_paper():
+    # On the meta device: no memory, no compute, the real op shapes.
+    with torch.device("meta"):
+        model = jit.create_model("JiT-B/16", 256, 1000)
+        z, t, y = torch.randn(1, 3, 256, 256), torch.rand(1), torch.zeros(1, dtype=torch.long)
+        flops = bench.count_flops(lambda: model(z, t, y))
+    assert flops == pytest.approx(jit_forward_flops(jit.CONFIGS["JiT-B/16"], 256), rel=1e-3)
+    assert flops / 2 / 1e9 == pytest.approx(25, rel=0.03)   # paper Table: 25 "Gflops" (multiply-adds)
+
+
+def test_bench_flops_are_linear_in_the_batch():
+    torch.manual_seed(0)
+    model = jit.create_model("tiny", 32, 10)
+    counts = [bench.count_flops(lambda: model(torch.randn(b, 3, 32, 32), torch.rand(b), torch.arange(b)))
+              for b in (1, 3)]
+    assert counts[1] == 3 * counts[0]
+    assert counts[0] == jit_forward_flops(jit.CONFIGS["tiny"], 32)
+
+
+def test_bench_tiny_on_cpu_writes_sane_figures(tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "b.json"
+    r = bench.main(BENCH_ARGS + ["--steps", "2", "--sample", "--sample-steps", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    for key in ("img_per_s", "step_ms", "train_gflop_per_img", "fwd_gflop_per_img", "matmul_peak_tflops", "mfu",
+                "sample_img_per_s", "sample_gflop_per_img", "sample_mfu"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r["img_per_s"] == pytest.approx(4 / (r["step_ms"] / 1000))
+    assert r["precision"] == "fp32" and r["compile"] is False and r["peak_gib"] is None
+    # One training step = forward + backward: about 3 forwards (attention's backward recomputes: a bit more).
+    assert 2.9 < r["train_gflop_per_img"] / r["fwd_gflop_per_img"] < 3.6
+    # The forward is the analytic count. 2 steps on the grid (0, 0.5, 1): Heun at t=0 (+ its corrector at 0.5),
+    # then the final Euler step at 0.5. CFG interval (0.1, 1): t=0 runs the conditional half only, both t=0.5
+    # calls run cond + uncond as one batch of 2B: 1 + 2 + 2 = 5 forwards per image.
+    assert r["fwd_gflop_per_img"] * 1e9 == pytest.approx(jit_forward_flops(jit.CONFIGS["tiny"], 32))
+    assert r["sample_gflop_per_img"] == pytest.approx(5 * r["fwd_gflop_per_img"], rel=1e-6)
+
+
+def test_bench_all_runs_each_script_in_a_subprocess_and_skips_missing_ones(tmp_path, capsys):
+    out = tmp_path / "all.json"
+    rows = bench.main(["--all", "--script", "jit,nosuch", "--config", "tiny", "--img-size", "32", "--batch-size",
+                       "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    assert [(r["script"], r["config"], r["batch_size"]) for r in rows] == [("jit", "tiny", 2)]
+    assert rows[0]["img_per_s"] > 0 and json.loads(out.read_text()) == rows
+    printed = capsys.readouterr().out
+    assert "skip nosuch" in printed and "| jit | tiny | 2 |" in printed
+
+
+def test_bench_clear_errors():
+    with pytest.raises(SystemExit, match="no nosuch.py"):
+        bench.main(["--script", "nosuch", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not in jit.py"):
+        bench.main(BENCH_ARGS[:2] + ["--config", "JiT-Z", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--script"):
+        bench.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        bench.main(["--all", "--device", "cpu"])
