@@ -359,13 +359,13 @@ P_MEAN, P_STD = -0.8, 0.8   # logit-normal t: t = sigmoid(N(P_MEAN, P_STD^2)), o
 LABEL_DROP = 0.1            # probability of replacing the label by the null class (for CFG)
 
 
-def _bcast(t):              # (B,) -> (B, 1, 1, 1)
-    return t.view(-1, 1, 1, 1)
+def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B, 1, 1, 1) for images
+    return t.view(-1, *[1] * (z.dim() - 1))
 
 
 def to_x(kind, out, z, t):
     """The clean image x implied by a prediction `out` of quantity `kind` ("x", "eps" or "v") at (z, t)."""
-    t = _bcast(t)
+    t = _bcast(t, z)
     if kind == "x":
         return out
     if kind == "eps":
@@ -375,7 +375,7 @@ def to_x(kind, out, z, t):
 
 def to_eps(kind, out, z, t):
     """The noise e implied by a prediction `out` of quantity `kind` at (z, t)."""
-    t = _bcast(t)
+    t = _bcast(t, z)
     if kind == "x":
         return (z - t * out) / (1 - t).clamp_min(T_EPS)
     if kind == "eps":
@@ -385,7 +385,7 @@ def to_eps(kind, out, z, t):
 
 def to_v(kind, out, z, t):
     """The velocity v = x - e implied by a prediction `out` of quantity `kind` at (z, t)."""
-    t = _bcast(t)
+    t = _bcast(t, z)
     if kind == "x":
         return (out - z) / (1 - t).clamp_min(T_EPS)
     if kind == "eps":
@@ -420,7 +420,7 @@ def flow_loss(model, x, y, num_classes, pred="x", loss="v", noise_scale=1.0):
     B = x.shape[0]
     t = sample_t(B, x.device)                                           # (B,)
     e = torch.randn_like(x) * noise_scale                               # (B, 3, H, W)
-    z = _bcast(t) * x + (1 - _bcast(t)) * e                             # noisy image z_t
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                       # noisy image z_t
     y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
     out = model(z, t, y).float()                                        # the net's prediction of `pred`
     truth = {"x": x, "eps": e, "v": x - e}[pred]
@@ -466,7 +466,7 @@ def velocity(model, z, t, y, cfg, interval):
 
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
-    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on the uniform grid linspace(0, 1, steps+1).
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on the uniform grid linspace(0, 1, steps+1) (Alg. 2).
     Heun (2nd order) on every interval but the last, where t_next = 1 and the (1-t) clamp makes a Heun
     correction meaningless, so the official code ends with one Euler step. Returns images (B,3,H,W) in [-1, 1].
     None arguments take the paper's defaults (sampler_defaults). `noise` overrides the starting noise."""
@@ -484,18 +484,22 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     if noise is None:
         noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
     z = noise.to(dev, torch.float32) * model.noise_scale       # z_0 = e ~ N(0, noise_scale^2): App. A
-    ts = torch.linspace(0, 1, steps + 1).tolist()                             # float32 grid, as the official code
     with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-            t, t_next = ts[i], ts[i + 1]
-            v = velocity(model, z, t, y, cfg, interval)
-            if solver == "heun" and i < steps - 1:
-                z_euler = z + (t_next - t) * v
-                v_next = velocity(model, z_euler, t_next, y, cfg, interval)
-                z = z + (t_next - t) * 0.5 * (v + v_next)
-            else:                                              # Euler step (solver="euler", or the last step)
-                z = z + (t_next - t) * v
+        z = integrate(lambda z, t: velocity(model, z, t, y, cfg, interval), z, steps, solver, progress)
     return z.clamp(-1, 1)
+
+
+def integrate(vel, z, steps, solver="heun", progress=False):
+    """Solve dz/dt = vel(z, t) from t=0 to t=1 on linspace(0, 1, steps+1) (float32, as the official grid).
+    Heun: an Euler predictor, then the average of the slopes at both ends; Euler alone on the last interval."""
+    ts = torch.linspace(0, 1, steps + 1).tolist()
+    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        t, t_next = ts[i], ts[i + 1]
+        v = vel(z, t)
+        if solver == "heun" and i < steps - 1:
+            v = 0.5 * (v + vel(z + (t_next - t) * v, t_next))       # slope at the Euler point z + dt * v
+        z = z + (t_next - t) * v
+    return z
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -823,6 +827,7 @@ def get_args(argv=None, ckpt=None):
     p.add_argument("--num-workers", type=int, help="data loader processes per GPU")
     p.add_argument("--seed", type=int, help="global seed")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    p.add_argument("--toy", action="store_true", help="run the paper's toy experiment (§3.3, Fig. 2) and exit")
     args = p.parse_args(argv)
 
     saved = ckpt["args"] if ckpt else {}
@@ -881,6 +886,8 @@ def check_compatible(args, ckpt):
 def main(argv=None):
     # -- The run's settings. A resumed run re-reads its own settings from the checkpoint (flags given now win).
     args = get_args(argv)
+    if args.toy:                                        # paper Fig. 2 on CPU: prints a table, writes the PNGs
+        return toy_experiment(out=Path(args.out) / "toy")
     ckpt = None
     if args.resume is not None:
         ckpt_path = find_checkpoint(args.resume or args.out)
@@ -1000,6 +1007,160 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 9. Toy experiment (paper §3.3, Fig. 2) ----
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's argument in one small experiment. d = 2 dimensional data x_hat (a curve in the plane) is "buried" in
+# a D-dimensional space by a fixed random column-orthogonal matrix P (D, 2), P^T P = I:  x = P x_hat.  The model
+# never sees P: for it this is a D-dimensional generation problem. A 5-layer ReLU MLP with 256 hidden units is
+# trained with x-, eps- or v-prediction, ALL with the v-loss (paper §3.3: "all using the v-loss, i.e. Tab. 1(3)(a-c)"),
+# then samples are drawn with the ODE sampler and projected back to the plane with P^T for viewing. As D grows past
+# the MLP's width (D = 512 > 256: under-complete) eps- and v-prediction fail, because their targets (noise,
+# velocity) fill all D dimensions, while x-prediction still works: its target lives on a 2-D plane.
+#     python jit.py --toy                    # 4 dims x 3 predictions = 12 small MLPs, about a minute on 2 CPU cores
+# What the paper does not say (our choices, marked "choice:"): the curve, its scale, how t enters the MLP, the
+# optimizer, steps and batch size, the number of samples, and the metric (the paper only shows scatter plots).
+# Shapes in this section: N points, D ambient dimension, d = 2.
+#
+# The three conversions, for z = t*x + (1-t)*e and v = x - e: from (z, t) and any ONE of x, e, v the other two follow
+#     from x:  v = (x - z) / (1-t)         e = (z - t*x) / (1-t)
+#     from e:  v = (z - e) / t             x = (z - (1-t)*e) / t
+#     from v:  x = z + (1-t)*v             e = z - t*v
+# with (1-t) and t clamped at T_EPS where we divide by them (no inf/NaN at t = 0 or t = 1).
+# The conversions are §4's to_x / to_eps / to_v (their _bcast works for (B, D) points as for images).
+
+
+# choice: the paper's text does not name the 2-D distribution; we use a spiral arc (no noise, as most public
+# re-creations of Fig. 2 do), scaled so each of its two coordinates has std ~1 (like [-1, 1] pixels), and unit
+# noise per dimension, as for images. Its arms are ~1.3 apart, so a blob over the whole spiral scores ~0.4 below.
+SPIRAL_TURNS = (0.5, 1.75)  # theta from 2*pi*0.5 to 2*pi*1.75: 1.25 turns, not starting at the centre
+SPIRAL_SCALE = 0.2          # radius = 0.2 * theta: max radius 0.7*pi ~ 2.2, std per coordinate ~ 1.0
+
+
+def spiral(s):
+    """Points on the ground-truth curve for s in [0, 1]: (N,) -> (N, 2)."""
+    theta = 2 * math.pi * (SPIRAL_TURNS[0] + (SPIRAL_TURNS[1] - SPIRAL_TURNS[0]) * s)   # (N,)
+    r = theta * SPIRAL_SCALE                                                            # radius grows with angle
+    return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)            # (N, 2)
+
+
+def random_projection(D, generator):
+    """Fixed random column-orthogonal P (D, 2): QR of a Gaussian matrix, so P^T P = I (paper §3.3)."""
+    q, _ = torch.linalg.qr(torch.randn(D, 2, generator=generator, dtype=torch.float64))  # (D, 2), orthonormal cols
+    return q.float()
+
+
+class ToyMLP(nn.Module):
+    """Paper §3.3: "a 5-layer ReLU MLP with 256-dim hidden units": 5 Linear layers, ReLU between them.
+    choice: t enters as one extra input feature (the paper does not say how the MLP is conditioned on t)."""
+
+    def __init__(self, D, width=256, depth=5):
+        super().__init__()
+        dims = [D + 1] + [width] * (depth - 1) + [D]                    # D+1 -> 256 -> 256 -> 256 -> 256 -> D
+        layers = []
+        for i in range(depth):
+            layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])                          # no ReLU after the output layer
+
+    def forward(self, z, t):                                            # z: (B, D), t: (B,) -> (B, D)
+        return self.net(torch.cat([z, t[:, None]], dim=1))             # (B, D+1) -> (B, D)
+
+
+def toy_loss(net, pred, x, g, p_mean=0.0, p_std=1.0):
+    """The v-loss (paper Eq. 3, Tab. 1 row (3)) for a net that outputs `pred`. x: (B, D) clean data.
+    choice: logit-normal t with mu=0, sigma=1 (SD3's default; the paper's mu=-0.8 was tuned for ImageNet 256,
+    Tab. 3, and almost never draws t > 0.8, which leaves the end of the toy trajectories untrained)."""
+    B = x.shape[0]
+    t = torch.sigmoid(torch.randn(B, generator=g) * p_std + p_mean).to(x.device)   # (B,) logit-normal t
+    e = torch.randn(x.shape, generator=g).to(x.device)                             # (B, D) noise
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                        # z_t = t*x + (1-t)*e
+    truth = {"x": x, "eps": e, "v": x - e}[pred]
+    # Target = the same conversion applied to the ground truth, so the t_eps clamp acts as a loss weight and a
+    # perfect net has exactly zero loss (for x-pred this is the official target v = (x - z) / max(1-t, t_eps)).
+    return (to_v(pred, net(z, t), z, t) - to_v(pred, truth, z, t)).pow(2).mean()
+
+
+@torch.no_grad()
+def toy_sample(net, pred, n, D, steps, g, device):
+    """Paper Eq. 4 with jit.py's sampler: Heun on linspace(0, 1, steps+1), a last Euler step. Returns (n, D)."""
+    z = torch.randn(n, D, generator=g).to(device)                       # z_0 = e ~ N(0, I), (n, D)
+
+    def vel(z, t):                                                      # every prediction is integrated as v
+        tt = torch.full((n,), t, device=device)
+        return to_v(pred, net(z, tt), z, tt)
+
+    return integrate(vel, z, steps)                                     # Heun, last step Euler
+
+
+def curve_distance(pts, curve):
+    """Mean Euclidean distance from each point of pts (N, 2) to the dense curve samples (M, 2), nearest one."""
+    return torch.cdist(pts, curve).min(dim=1).values.mean().item()
+
+
+def draw_scatter(path, pts, curve, title, size=320, extent=2.5):
+    """One PNG: the true curve in grey, the generated points (projected to 2-D) in blue. Pillow only."""
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    to_px = lambda p: ((p[:, 0] / extent + 1) * size / 2, (1 - p[:, 1] / extent) * size / 2)   # y axis up
+    cx, cy = to_px(curve)
+    draw.line(list(zip(cx.tolist(), cy.tolist())), fill=(190, 190, 190), width=3)
+    px, py = to_px(pts)
+    for u, w in zip(px.tolist(), py.tolist()):
+        if 0 <= u < size and 0 <= w < size:                             # points off the plot are not drawn
+            draw.ellipse([u - 1.5, w - 1.5, u + 1.5, w + 1.5], fill=(30, 90, 200))
+    draw.text((6, 4), title, fill="black")
+    img.save(path)
+
+
+def toy_experiment(dims=(2, 8, 16, 512), preds=("x", "eps", "v"), steps=1000, out=None, seed=0, device="cpu",
+                   batch=128, lr=2e-3, width=256, n_samples=1000, sample_steps=50, verbose=True):
+    """Paper Fig. 2 as numbers: train one MLP per (D, pred), sample, project back with P^T, and return
+    {(D, pred): mean distance of the generated points to the true curve}. Prints the table (rows D, columns pred)
+    and, if `out` is a folder, writes toy_D{D}_{pred}.png there.
+    choice (not in the paper): Adam, lr 2e-3 decayed linearly to 0, batch 128, 1000 steps, fresh curve points every
+    step: the budget that trains all 12 models on 2 CPU cores in about a minute. At this budget eps-prediction is
+    still under-trained even at D=2 (0.19; 0.08 after 3000 steps): it learns slowest, its v = (z - e)/t multiplies
+    errors by up to 1/t_eps = 20 at the noise end, where the sampler starts."""
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+    curve = spiral(torch.linspace(0, 1, 4000))                          # (M, 2) dense ground truth, for the metric
+    threads = torch.get_num_threads()
+    # One thread for these tiny matmuls: on an idle 2-core machine two threads are ~1.5x faster, but on a busy one
+    # (CI, other jobs) they were 5-10x slower here. Restored at the end.
+    torch.set_num_threads(1)
+    results = {}
+    for D in dims:
+        P = random_projection(D, torch.Generator().manual_seed(seed)).to(device)   # (D, 2), fixed for this D
+        for pred in preds:
+            # The same init, data, t, noise and starting noise for x, eps and v: only the parameterisation differs.
+            with torch.random.fork_rng(devices=[]):                     # seed the init, leave the global RNG alone
+                torch.manual_seed(seed)
+                net = ToyMLP(D, width).to(device)
+            g = torch.Generator().manual_seed(seed + 1)                 # data, t, noise, starting noise
+            opt = torch.optim.Adam(net.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+            for _ in range(steps):
+                x = spiral(torch.rand(batch, generator=g)).to(device) @ P.T      # (B, 2) @ (2, D) -> (B, D)
+                loss = toy_loss(net, pred, x, g)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            pts = (toy_sample(net, pred, n_samples, D, sample_steps, g, device) @ P).cpu()   # (N, D) -> (N, 2)
+            results[(D, pred)] = curve_distance(pts, curve)
+            if out is not None:
+                draw_scatter(out / f"toy_D{D}_{pred}.png", pts.numpy(), curve.numpy(),
+                             f"D={D}  {pred}-pred  dist={results[(D, pred)]:.3f}")
+    torch.set_num_threads(threads)
+    if verbose:
+        print("mean distance of generated points to the true curve, after projecting back with P^T (lower is better)")
+        print("D".rjust(6) + "".join(f"{p + '-pred':>10}" for p in preds))
+        for D in dims:
+            print(f"{D:6d}" + "".join(f"{results[(D, p)]:10.3f}" for p in preds))
+    return results
 
 
 if __name__ == "__main__":

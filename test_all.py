@@ -321,6 +321,43 @@ def test_jit_patch_size_override_and_v_checkpoint_samples_with_v(tmp_path):
     assert torch.allclose(jit.velocity(model, z, t, y, 1.0, (0.1, 1.0)), (out - z) / 0.5, atol=1e-5)
 
 
+# ---- jit.py: the toy experiment (paper §3.3, Fig. 2) ----
+
+
+def test_toy_conversions_round_trip():
+    """From (z, t) and any one of x, e, v the other two follow (Tab. 1); exact away from the t_eps clamp."""
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randn(64, 8, generator=g, dtype=torch.float64)
+    t = torch.rand(64, generator=g, dtype=torch.float64) * 0.8 + 0.1          # inside (t_eps, 1 - t_eps)
+    z = t[:, None] * x + (1 - t[:, None]) * e
+    truth = {"x": x, "eps": e, "v": x - e}
+    for kind, out in truth.items():
+        for conv, want in ((jit.to_x, x), (jit.to_eps, e), (jit.to_v, x - e)):
+            torch.testing.assert_close(conv(kind, out, z, t), want)
+
+
+def test_toy_x_beats_v_at_D64(tmp_path):
+    """The paper's claim at reduced size: at D=64 the x-predicting MLP generates points much closer to the true
+    curve than the v-predicting one (same v-loss, same data and init).
+    Measured on 2026-11-23 (CPU) with these arguments, seeds 0..4: x 0.20-0.25, v 0.42-0.45 (about 1.5 s each),
+    so v/x >= 1.7 for every seed; we assert 1.5. D=64 (not 512) keeps the test fast;
+    the 256-wide MLP still fails with v at D=64 at this budget (it already struggles at D=16 in the full run)."""
+    r = jit.toy_experiment(dims=(64,), preds=("x", "v"), steps=200, n_samples=500, sample_steps=25,
+                       seed=0, out=tmp_path, verbose=False)
+    assert set(r) == {(64, "x"), (64, "v")}
+    assert r[(64, "x")] < 0.3, r                            # x-prediction actually learned the curve
+    assert 1.5 * r[(64, "x")] < r[(64, "v")], r             # and v-prediction is clearly worse
+    for pred in ("x", "v"):                                 # one valid PNG per setting, with points drawn on it
+        path = tmp_path / f"toy_D64_{pred}.png"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.size == (320, 320)
+            rgb = np.asarray(im.convert("RGB"))                # (320, 320, 3) uint8
+            blue = int((rgb == (30, 90, 200)).all(axis=-1).sum())
+            assert blue > 500, f"{path.name}: only {blue} point pixels drawn"
+
+
 # =================================================================================================================
 # deco.py
 # =================================================================================================================
