@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------------------------------------------
 # ---- 1. What --all runs, and the figures we compare with ----
 # ---------------------------------------------------------------------------------------------------------------
-# (script, config, batch) at 256px: the paper configs of issue 6, named as in each script's CONFIGS. Batch 128 for
+# (script, config, batch) at 256px: the paper configs, named as in each script's CONFIGS. Batch 128 for
 # JiT (the official figures below were measured at 128), 64 for the larger-activation pixel-decoder models.
 PAPER_RUNS = [
     ("jit", "JiT-B/16", 128),
@@ -52,12 +52,11 @@ PAPER_RUNS = [
     ("deco", "DeCo-L/16", 64),
 ]
 # The official LTH14/JiT code, measured by us on one H100 80GB (bf16, batch 128 at 256px, random data on the GPU,
-# its own train step with EMA; specs/jit.md "Measured here"). Printed next to ours when the GPU is an H100.
+# its own train step with EMA). Printed next to ours when the GPU is an H100.
 OFFICIAL_H100 = {
     ("jit", "JiT-B/16"): dict(img_per_s=1181, peak_gib=24.9, sample_img_per_s=16.0),
     ("jit", "JiT-L/16"): dict(img_per_s=400, peak_gib=67.3),
 }
-IMAGENET_TRAIN = 1_281_167   # images in ImageNet-1k train: turns a script's warmup in epochs into steps
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- 2. Measuring: time, FLOPs, the matmul peak ----
@@ -154,14 +153,8 @@ def script_args(mod, b, device):
     args = mod.get_args(argv + b.extra)
     if args.config not in mod.CONFIGS:
         raise SystemExit(f"--config {args.config}: not in {mod.SCRIPT}.py; choose one of: {', '.join(mod.CONFIGS)}")
-    # get_args resolves these from --device (compile and bf16 on CUDA, fp32 on CPU); the fallbacks below cover a
-    # script that leaves them, or lr / warmup in steps, to main(). Their values do not change the speed.
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if getattr(args, "lr", 0) is None and hasattr(args, "blr"):
-        args.lr = args.blr * args.batch_size / 256
-    if hasattr(args, "warmup_epochs") and not hasattr(args, "warmup_steps"):
-        args.warmup_steps = int(args.warmup_epochs * (IMAGENET_TRAIN // args.batch_size))
+    # get_args resolves compile / precision from --device (compile and bf16 on CUDA, fp32 on CPU) and the lr; an
+    # lr warmup (set by main() from the dataset size) stays off here: the lr's value does not change the speed.
     if hasattr(args, "repa"):
         args.repa = b.repa
     return args
@@ -290,7 +283,7 @@ def report(r):
               f"{r['sample_gflop_per_img']:.1f} GFLOP/img  MFU {100 * r['sample_mfu']:.1f}%")
     official = OFFICIAL_H100.get((r["script"], r["config"]))
     if official and "H100" in r["machine"] and r["img_size"] == 256 and r["batch_size"] == 128:
-        line = f"  official LTH14/JiT on one H100 (specs/jit.md): {official['img_per_s']} img/s, " \
+        line = f"  official LTH14/JiT on one H100 (measured by us): {official['img_per_s']} img/s, " \
                f"{official['peak_gib']} GiB -> ours {r['img_per_s'] / official['img_per_s']:.2f}x"
         if "sample_img_per_s" in r and "sample_img_per_s" in official and r["sample_batch"] == 128:
             line += f"; sampler {official['sample_img_per_s']} img/s -> ours " \

@@ -58,7 +58,7 @@ SCRIPT = "deco"
 # label_drop: probability of replacing the class by the null class in training (for CFG). The official XL yamls
 #   set null_condition_p 0.2; the L yaml keeps the default 0.1. The paper states 0.1 only.
 CONFIGS = {
-    # paper: 426M params (we count 426.9M: the REPA projector is not part of the model class, as officially)
+    # paper: 426M params (we count 426.9M: the REPA projector is not counted: repa_dim=0)
     "DeCo-L/16": dict(depth=22, width=1024, heads=16, patch=16, dec_depth=3, dec_width=32, repa_layer=8,
                       label_drop=0.1),
     # paper: 682M params (we count 682.3M)
@@ -583,7 +583,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     interval = interval or d["interval"]
     solver = solver or d["solver"]
     if solver not in ("euler", "heun"):
-        raise SystemExit(f"unknown solver {solver!r}: use 'euler' or 'heun'")
+        raise SystemExit(f"unknown solver {solver!r}: deco.py samples with 'euler' (the paper's) or 'heun'")
     dev = next(model.parameters()).device
     S = model.img_size
     if noise is None:
@@ -664,7 +664,8 @@ class ImageFolder(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 self.bad += 1
                 warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
-        raise SystemExit(f"100 unreadable images in a row under {self.root}: is this an image folder?")
+        # RuntimeError, not SystemExit: a DataLoader worker passes an Exception's message back to the main process.
+        raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
 class Shapes(torch.utils.data.Dataset):
@@ -774,7 +775,7 @@ def batches(loader, data_state):
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (timm / DiT-style). For the paper's long runs this is the paper's
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's long runs this is the paper's
     0.9999 after ~90k steps; for a 10k-step run a fixed 0.9999 would still be mostly the random init, and the
     sample grids would show noise."""
 
@@ -941,9 +942,12 @@ def get_args(argv=None, ckpt=None):
                     label_drop=None, init_from=None, batch_size=128, steps=100_000, lr=1e-4, ema=0.9999, out=None,
                     ckpt_every=5000, sample_every=5000, log_every=50, cfg=None, sample_steps=None, compile=None,
                     precision=None, num_workers=min(8, os.cpu_count() or 1), seed=0, device=None)
+    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
     for key, default in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, preset.get(key, default)))
+            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
+    if args.resume and not args.out:                                    # resume writes where the checkpoint is
+        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     if args.config not in CONFIGS:
         raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
     if args.label_drop is None:
@@ -1010,10 +1014,11 @@ def main(argv=None, encoder=None):
 
     # REPA's encoder first, so a missing DINOv2 stops the run before any data is read.
     if args.repa and encoder is None:
-        if world > 1 and rank != 0:
-            dist.barrier()                                      # rank 0 fills the torch.hub cache first
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0       # one process per machine fills the hub cache
+        if world > 1 and not first:
+            dist.barrier()
         encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
-        if world > 1 and rank == 0:
+        if world > 1 and first:
             dist.barrier()
     encoder = encoder if args.repa else None
 
@@ -1030,6 +1035,8 @@ def main(argv=None, encoder=None):
         raw.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:                          # the state dict brings back the old lr: use --lr
+            group["lr"] = args.lr
         step, data_state = ckpt["step"], dict(ckpt["data"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         del ckpt
@@ -1046,6 +1053,8 @@ def main(argv=None, encoder=None):
         raw.load_state_dict(init["model"])
         ema.model.load_state_dict(init["ema"])
         opt.load_state_dict(init["opt"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr
         del init
     model = compile_and_wrap(raw, args, device, ddp=world > 1)
 

@@ -477,7 +477,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     interval = interval or d["interval"]
     solver = solver or d["solver"]
     if solver not in ("heun", "euler"):
-        raise ValueError(f"unknown solver {solver!r}: jit.py samples with 'heun' (the paper's) or 'euler'")
+        raise SystemExit(f"unknown solver {solver!r}: jit.py samples with 'heun' (the paper's) or 'euler'")
     dev = next(model.parameters()).device
     y = y.to(dev)
     B, H = y.shape[0], model.img_size
@@ -558,7 +558,8 @@ class ImageFolder(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 self.bad += 1
                 warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
-        raise SystemExit(f"100 unreadable images in a row under {self.root}: is this an image folder?")
+        # RuntimeError, not SystemExit: a DataLoader worker passes an Exception's message back to the main process.
+        raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
 class Shapes(torch.utils.data.Dataset):
@@ -695,7 +696,7 @@ def unwrap(model):
 def lr_at(step, args):
     """lr = blr * batch / 256 (official main_jit.py), linear warmup over 5 epochs (per iteration), then constant
     (paper Tab. 9)."""
-    return args.lr * min(1.0, step / max(1, args.warmup_steps))
+    return args.peak_lr * min(1.0, step / max(1, args.warmup_steps))
 
 
 def build(args, num_classes, device):
@@ -705,7 +706,7 @@ def build(args, num_classes, device):
     ema = EMA(raw, args.ema)
     # Paper Tab. 9: Adam, betas (0.9, 0.95), weight decay 0 (official: AdamW with wd 0, the same thing).
     # fused=True: one kernel for all parameters on CUDA.
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.peak_lr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type == "cuda")
     return raw, ema, opt
 
@@ -838,11 +839,15 @@ def get_args(argv=None, ckpt=None):
                     blr=5e-5, warmup_epochs=5.0, ema=0.9999, out=None, ckpt_every=5000, sample_every=5000,
                     log_every=50, cfg=None, sample_steps=None, compile=None, precision=None,
                     num_workers=min(8, os.cpu_count() or 1), seed=0, device=None)
+    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
     for key, default in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, preset.get(key, default)))
+            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
+    if args.resume and not args.out:                                    # resume writes where the checkpoint is
+        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
-    args.lr = args.lr or args.blr * args.batch_size / 256               # official lr scaling rule
+    # --lr stays what the user gave (None = derive), so a resumed run re-derives it from --blr / --batch-size.
+    args.peak_lr = args.lr or args.blr * args.batch_size / 256          # official lr scaling rule
     args.warmup_steps = 0                                               # main() sets it from the dataset size
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
@@ -871,8 +876,8 @@ def setup_distributed(args):
 
 
 def check_compatible(args, ckpt):
-    """A checkpoint continues only the run it came from: same script (checked on load), config, size, patch."""
-    for key in ("config", "img_size", "patch_size", "pred"):
+    """A checkpoint continues only the run it came from: same script (checked on load), model and objective."""
+    for key in ("config", "img_size", "patch_size", "pred", "loss", "noise_scale"):
         if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
             raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
                              f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
@@ -947,7 +952,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"{args.config} ({n_params / 1e6:.1f}M params, patch {raw.patch}, pred {args.pred}, loss {args.loss}) "
               f"on {len(dataset)} images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, "
-              f"lr {args.lr:.2e}, {args.precision}, compile={args.compile} -> {run}")
+              f"lr {args.peak_lr:.2e}, {args.precision}, compile={args.compile} -> {run}")
     # Fixed noise and labels for the grids, so successive grids show the same samples improving.
     gen = torch.Generator().manual_seed(1234)
     grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
@@ -1023,13 +1028,7 @@ def main(argv=None):
 # What the paper does not say (our choices, marked "choice:"): the curve, its scale, how t enters the MLP, the
 # optimizer, steps and batch size, the number of samples, and the metric (the paper only shows scatter plots).
 # Shapes in this section: N points, D ambient dimension, d = 2.
-#
-# The three conversions, for z = t*x + (1-t)*e and v = x - e: from (z, t) and any ONE of x, e, v the other two follow
-#     from x:  v = (x - z) / (1-t)         e = (z - t*x) / (1-t)
-#     from e:  v = (z - e) / t             x = (z - (1-t)*e) / t
-#     from v:  x = z + (1-t)*v             e = z - t*v
-# with (1-t) and t clamped at T_EPS where we divide by them (no inf/NaN at t = 0 or t = 1).
-# The conversions are §4's to_x / to_eps / to_v (their _bcast works for (B, D) points as for images).
+# The x / eps / v conversions are §4's to_x / to_eps / to_v (their _bcast works for (B, D) points as for images).
 
 
 # choice: the paper's text does not name the 2-D distribution; we use a spiral arc (no noise, as most public

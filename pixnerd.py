@@ -524,7 +524,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     interval = interval or d["interval"]
     solver = solver or d["solver"]
     if solver not in ("euler", "heun"):
-        raise ValueError(f"unknown solver {solver!r}: pixnerd.py samples with 'euler' (the paper's) or 'heun'")
+        raise SystemExit(f"unknown solver {solver!r}: pixnerd.py samples with 'euler' (the paper's) or 'heun'")
     dev = next(model.parameters()).device
     y = y.to(dev)
     B, H = y.shape[0], model.img_size
@@ -601,7 +601,8 @@ class ImageFolder(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 self.bad += 1
                 warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
-        raise SystemExit(f"100 unreadable images in a row under {self.root}: is this an image folder?")
+        # RuntimeError, not SystemExit: a DataLoader worker passes an Exception's message back to the main process.
+        raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
 class Shapes(torch.utils.data.Dataset):
@@ -712,7 +713,7 @@ def batches(loader, data_state):
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (timm / DiT-style). For the paper's 800k-step runs this is the
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 800k-step runs this is the
     paper's 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random
     init, and the sample grids would show noise."""
 
@@ -835,7 +836,7 @@ def get_args(argv=None, ckpt=None):
                    help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flip (default off: the paper uses none)")
-    # -- REPA (representation alignment of block 8 to DINOv2, the paper's ImageNet setting)
+    # -- REPA (representation alignment of block `repa_layer` (8 for the paper configs) to DINOv2)
     p.add_argument("--repa", action=argparse.BooleanOptionalAction,
                    help="REPA loss against frozen DINOv2 ViT-B/14 features (default: on for imagenet)")
     p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
@@ -869,9 +870,12 @@ def get_args(argv=None, ckpt=None):
                     lr=1e-4, ema=0.9999, out=None, ckpt_every=5000, sample_every=5000, log_every=50, cfg=None,
                     sample_steps=None, compile=None, precision=None, num_workers=min(8, os.cpu_count() or 1),
                     seed=0, device=None)
+    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
     for key, default in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, preset.get(key, default)))
+            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
+    if args.resume and not args.out:                                    # resume writes where the checkpoint is
+        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
@@ -940,10 +944,11 @@ def main(argv=None, encoder=None):
     torch.backends.cudnn.allow_tf32 = True
     # -- REPA's frozen encoder first, so a missing DINOv2 stops the run at start, before any data is read.
     if args.repa and encoder is None:
-        if world > 1 and rank != 0:
-            dist.barrier()                                      # rank 0 fills the torch.hub cache first
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0       # one process per machine fills the hub cache
+        if world > 1 and not first:
+            dist.barrier()
         encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
-        if world > 1 and rank == 0:
+        if world > 1 and first:
             dist.barrier()
     encoder = encoder if args.repa else None
 
@@ -963,6 +968,8 @@ def main(argv=None, encoder=None):
         raw.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:                          # the state dict brings back the old lr: use --lr
+            group["lr"] = args.lr
         step, data_state = ckpt["step"], dict(ckpt["data"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         del ckpt

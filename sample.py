@@ -521,7 +521,8 @@ def get_args(argv=None):
     # -- the sampler: default = the paper's (the script's sampler_defaults for the checkpoint's config)
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--interval", help="CFG interval in t, 'lo,hi'")
+    p.add_argument("--interval", help="CFG interval in t, 'lo,hi': guided for lo < t < hi (deco.py, as its "
+                   "official code: lo < t <= hi)")
     p.add_argument("--solver", help="ODE solver: euler or heun (what the script offers)")
     # -- outputs
     p.add_argument("--grid", help=f"write the first min(n, {GRID_MAX}) samples as one PNG grid")
@@ -612,7 +613,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     result = dict(n=0, fid=None, reference=None)
     samples = None                                             # the samples as an `Images` source, on rank 0
-    if args.fid and rank == 0:
+    if args.fid:                                               # every rank: none waits for one that stopped
         inception_weights_path(args.inception_weights)        # fail before sampling, not after an hour of it
 
     if args.ckpt:

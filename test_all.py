@@ -220,6 +220,19 @@ def test_jit_resume_continues_with_identical_losses(tmp_path):
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["data"] == {"epoch": 0, "pos": 4}
 
 
+def test_jit_resume_of_a_copied_run_writes_to_the_copy_and_rederives_lr(tmp_path):
+    common = TINY + ["--batch-size", "8", "--log-every", "1", "--sample-every", "100", "--warmup-epochs", "0"]
+    jit.main(common + ["--steps", "1", "--out", str(tmp_path / "a")])
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    ckpt = torch.load(tmp_path / "copy" / "ckpt.pt", weights_only=False)
+    assert ckpt["args"]["lr"] is None                              # the derived lr is not saved as a user flag
+    args = jit.get_args(["--resume", str(tmp_path / "copy" / "ckpt.pt"), "--blr", "1e-3"], ckpt)
+    assert args.out == str(tmp_path / "copy") and args.peak_lr == pytest.approx(1e-3 * 8 / 256)
+    jit.main(["--resume", str(tmp_path / "copy"), "--steps", "2", "--device", "cpu", "--num-workers", "0"])
+    assert [r["step"] for r in read_log(tmp_path / "copy")] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path / "a")] == [1]    # the original run is untouched
+
+
 def test_jit_resume_refuses_wrong_checkpoint_and_existing_run(tmp_path):
     run = tmp_path / "run"
     jit.main(TINY + ["--steps", "1", "--batch-size", "4", "--sample-every", "100", "--out", str(run)])
