@@ -20,6 +20,7 @@ from PIL import Image
 import bench
 import deco
 import jit
+import pixeldit
 import pixnerd
 import sample
 
@@ -1562,3 +1563,382 @@ def test_bench_clear_errors():
         bench.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.main(["--all", "--device", "cpu"])
+
+
+# =================================================================================================================
+# pixeldit.py
+# =================================================================================================================
+
+
+
+def tiny_encoder(dim=pixeldit.REPA_DIM, seed=0):
+    """A stand-in for DINOv2 ViT-B/14 with the same contract: a stride-14 patch embedding, so ImageNet-normalised
+    (B, 3, 14h, 14h) -> (B, h*h, dim) tokens. Frozen, like the real teacher."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, dim, kernel_size=14, stride=14).requires_grad_(False)
+    return lambda img: conv(img).flatten(2).transpose(1, 2)
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(pixeldit.CONFIGS))
+def test_pixeldit_every_config_forward_backward(name):
+    """Each config's real width / heads / patch / pixel width with 2 patch blocks and 1 PiT block, at the smallest
+    image that holds 2x2 patches, so even XL runs on a CPU in about a second. The output is exactly 0 at init
+    (zero-init final linear); once the zero-init layers are perturbed, EVERY parameter (REPA projector included)
+    gets a non-zero gradient: nothing is left unused."""
+    cfg = dict(pixeldit.CONFIGS[name], depth=2, pixel_depth=1, repa_layer=1)
+    size = 2 * cfg["patch"]
+    torch.manual_seed(0)
+    model = pixeldit.PixelDiT(name, size, 10, repa_dim=32, **cfg)
+    z, t, y = torch.randn(2, 3, size, size), torch.rand(2), torch.tensor([3, 10])
+    assert torch.count_nonzero(model(z, t, y)) == 0
+    for m in model.modules():                                      # un-zero adaLN and the final layer
+        if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+            torch.nn.init.normal_(m.weight, std=0.02)
+    v, h = model(z, t, y, return_repa=True)
+    assert v.shape == z.shape and h.shape == (2, 4, 32)
+    (v.square().mean() + h.square().mean()).backward()
+    assert torch.isfinite(v).all() and v.abs().sum() > 0
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+@pytest.mark.parametrize("name,paper_m", [("PixelDiT-B/16", 184), ("PixelDiT-L/16", 569), ("PixelDiT-XL/16", 797)])
+def test_pixeldit_param_counts_match_paper(name, paper_m):
+    with torch.device("meta"):
+        model = pixeldit.create_model(name, 256, 1000)
+    assert abs(count_params(model) / 1e6 - paper_m) / paper_m < 0.005
+
+
+def test_pixeldit_pixel_tokens_roundtrip_and_same_patch_order_as_the_patch_level():
+    p = 8
+    x = torch.randn(2, 3, 32, 32)
+    tokens = pixeldit.image_to_pixel_tokens(x, p)                   # (B, L, P, c)
+    assert tokens.shape == (2, 16, 64, 3)
+    assert torch.equal(pixeldit.pixel_tokens_to_image(tokens, p), x)
+    assert torch.equal(tokens[0, 1, 2 * p + 3], x[0, :, 2, p + 3])   # patch 1 = row 0, col 1; pixel (2, 3) in it
+    # The patch level (F.unfold, channel-major) sees patch l as exactly the pixels the pixel level groups as patch
+    # l: s_cond of patch l conditions the right pixels.
+    unfolded = F.unfold(x, p, stride=p).transpose(1, 2).reshape(2, 16, 3, p * p)   # (B, L, c, P)
+    assert torch.equal(unfolded.transpose(-1, -2), tokens)
+
+
+def test_pixeldit_compaction_keeps_attention_over_patches_at_512px(monkeypatch):
+    """Tiny config at 512px: 262,144 pixel tokens, but every attention (patch level AND pixel level) runs over the
+    64 x 64 = 4096 compacted patch tokens. Full attention over the pixels would need a 262144^2 score matrix
+    (275 GB in fp32 per head); this runs on a CPU in about a second."""
+    lengths = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        lengths.append(tuple(q.shape))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(pixeldit.F, "scaled_dot_product_attention", recording_sdpa)
+    torch.manual_seed(0)
+    model = pixeldit.create_model("tiny", 512, 10)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 512, 512), torch.rand(1), torch.tensor([1]))
+    assert out.shape == (1, 3, 512, 512)
+    cfg = pixeldit.CONFIGS["tiny"]
+    assert len(lengths) == cfg["depth"] + cfg["pixel_depth"]
+    assert set(lengths) == {(1, cfg["heads"], 4096, cfg["width"] // cfg["heads"])}
+
+
+def test_pixeldit_pixelwise_modulation_differs_per_pixel():
+    """A PiT block where everything but the modulation is the same for all pixels of a patch: identical input
+    tokens, and an attention branch whose expand layer outputs the same vector for every pixel. Then the pixels
+    of a patch come out different only because each pixel gets its own shift/scale/gate; with a modulation that
+    is the same for all pixels (patch-wise AdaLN), they come out identical."""
+    torch.manual_seed(0)
+    B, L, p, c, D = 2, 4, 4, 16, 32
+    P = p * p
+    for post in (False, True):
+        block = pixeldit.PiTBlock(c, D, 2, p, post_modulation=post)
+        with torch.no_grad():
+            block.expand_from_attn.weight.zero_()
+            block.expand_from_attn.bias.copy_(torch.randn(c).repeat(P))       # same c-vector for every pixel
+        x = torch.randn(B, L, 1, c).expand(B, L, P, c).contiguous()           # all pixels of a patch equal
+        s_cond, (cos, sin) = torch.randn(B, L, D), pixeldit.rope_2d(D // 2, 2)
+        mod = block.adaLN_modulation[0]
+        torch.nn.init.normal_(mod.weight, std=0.5)
+        torch.nn.init.normal_(mod.bias, std=0.5)
+        with torch.no_grad():
+            out = block(x, s_cond, cos, sin)                                  # (B, L, P, c)
+            assert out.std(dim=2).min() > 1e-3                                # every patch: pixels differ
+            # Patch-wise modulation: copy pixel 0's rows of the modulation Linear to every pixel.
+            mod.weight.copy_(mod.weight.view(P, -1, D)[:1].expand(P, -1, D).reshape(-1, D))
+            mod.bias.copy_(mod.bias.view(P, -1)[:1].expand(P, -1).reshape(-1))
+            out = block(x, s_cond, cos, sin)
+        assert out.std(dim=2).max() < 1e-6                                    # pixels of a patch identical
+
+
+def test_pixeldit_rope_layout_and_positions():
+    """Positions linspace(0, 16, h); channel pair 2k turns with the column, pair 2k+1 with the row, both at
+    frequency 10000^(-4k/d). Checked on a 3x3 grid, d = 8: token 5 is row 1, col 2 -> x = 16, y = 8."""
+    cos, sin = pixeldit.rope_2d(8, 3)
+    angle = torch.atan2(sin, cos)                                              # (9, 8)
+    f = torch.tensor([1.0, 10_000 ** -0.5])
+    expected = torch.stack([16 * f, 8 * f], -1).flatten().repeat_interleave(2)  # [x f0, x f0, y f0, y f0, x f1, ...]
+    assert torch.allclose(angle[5], torch.remainder(expected + math.pi, 2 * math.pi) - math.pi, atol=1e-5)
+    # Rotation preserves the norm and is the identity at position (0, 0).
+    q = torch.randn(1, 1, 9, 8)
+    r = pixeldit.apply_rope(q, cos, sin)
+    assert torch.allclose(r.norm(dim=-1), q.norm(dim=-1), atol=1e-5) and torch.equal(r[..., 0, :], q[..., 0, :])
+
+
+# ---- flow matching ----------------------------------------------------------------------------------------------
+
+
+def test_pixeldit_conversions_roundtrip_and_clamp():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g)
+    e = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g)
+    t = torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64)
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
+    assert torch.allclose(pixeldit.v_to_x(x - e, z, t), x, atol=1e-12)
+    assert torch.allclose(pixeldit.x_to_v(x, z, t), x - e, atol=1e-12)
+    out = pixeldit.x_to_v(x, e, torch.ones(4, dtype=torch.float64))           # t = 1: capped at 1/0.05
+    assert torch.isfinite(out).all() and torch.allclose(out, (x - e) / 0.05)
+
+
+def test_pixeldit_time_shift_formula_and_t_sampler():
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(pixeldit.shift_t(t, 1.0), t)
+    assert torch.allclose(pixeldit.shift_t(torch.tensor(0.5), 3.0), torch.tensor(0.25))
+    logit = lambda u: torch.log(u / (1 - u))
+    assert torch.allclose(logit(pixeldit.shift_t(t, 3.0)), logit(t) - math.log(3.0), atol=1e-5)
+    torch.manual_seed(0)
+    ts = pixeldit.sample_t(200_000, "cpu", shift=3.0)                         # sigmoid(N(0,1)), shifted
+    assert abs(logit(ts).mean() + math.log(3.0)) < 0.01 and abs(logit(ts).std() - 1.0) < 0.01
+    assert pixeldit.default_shift(256) == 1.0 and pixeldit.default_shift(512) == 3.0
+    grid = pixeldit.time_grid(4, 1.0)
+    assert np.allclose(grid, [0, 0.25, 0.5, 0.75, 1.0])                       # linspace(0, 1-1/N, N) + [1]
+    assert np.allclose(pixeldit.time_grid(4, 3.0), [u / (u + 3 * (1 - u)) for u in grid])
+
+
+class PixelDiTOracle(torch.nn.Module):
+    """Knows the x and e the loss will draw; returns v = x - e and, for REPA, a chosen feature."""
+
+    def __init__(self, x, e, feature=None, patch=8):
+        super().__init__()
+        self.x, self.e, self.feature, self.patch = x, e, feature, patch
+
+    def forward(self, z, t, y, return_repa=False):
+        v = self.x - self.e
+        return (v, self.feature) if return_repa else v
+
+
+def test_pixeldit_loss_zero_for_perfect_velocity_and_repa_aligned_features():
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, dtype=torch.long)
+    encoder = tiny_encoder()
+    target = pixeldit.repa_target(encoder, x, 8)                              # (B, 16, 768): one per patch
+    assert target.shape == (4, 16, 768)
+    torch.manual_seed(1)
+    pixeldit.sample_t(4, "cpu")                                               # replay the loss's draws to get e
+    e = torch.randn_like(x)
+    for feature, expected in ((None, 0.0), (2.5 * target, 0.0), (-target, 2 * pixeldit.REPA_WEIGHT)):
+        # Aligned features (any positive scale): REPA term 0. Opposite ones: 1 - cos = 2, times weight 0.5.
+        torch.manual_seed(1)
+        loss = pixeldit.flow_loss(PixelDiTOracle(x, e, feature), x, y, 10, encoder=None if feature is None else encoder)
+        assert abs(loss.item() - expected) < 1e-5
+
+
+def test_pixeldit_overfits_one_batch():
+    torch.manual_seed(0)
+    args = pixeldit.get_args(TINY + ["--lr", "2e-3", "--ema", "0.9", "--precision", "fp32"])
+    raw, ema, opt = pixeldit.build(args, 8, torch.device("cpu"))
+    ds = pixeldit.Shapes(32)
+    x = torch.stack([ds[i][0] for i in range(8)])
+    y = torch.tensor([ds[i][1] for i in range(8)])
+    losses = [pixeldit.train_step(raw, ema, opt, x, y, s, args).item() for s in range(1, 101)]
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.5 * first, (first, last)                       # stated factor: the loss at least halves
+
+
+# ---- sampler ----------------------------------------------------------------------------------------------------
+
+
+class PixelDiTFieldModel(torch.nn.Module):
+    """A stand-in network for the sampler tests: v = fn(z, t, y), with the attributes sample() reads."""
+
+    def __init__(self, fn, num_classes=10, size=8):
+        super().__init__()
+        self.fn, self.num_classes, self.img_size, self.config = fn, num_classes, size, "PixelDiT-XL/16"
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, z, t, y):
+        self.calls.append(z.shape[0])
+        return self.fn(z, t, y)
+
+
+def test_pixeldit_adams_bashforth_is_exact_on_a_linear_field():
+    """v = a + b t. On the uniform grid (shift 1) AB2's 1.5 v_i - 0.5 v_{i-1} = a + b (t_i + h/2) is the exact
+    mean of v over the step, so only the first (Euler) step errs, by -b h^2 / 2: z_1 = z_0 + a + b/2 - b h^2/2.
+    One network call per step. Heun is exact except its last (Euler) step, which errs by the same amount."""
+    a, b, steps = 0.3, -0.4, 10
+    h = 1 / steps
+    y = torch.zeros(3, dtype=torch.long)
+    noise = torch.randn(3, 3, 8, 8) * 0.2
+    expected = noise + a + b / 2 - b * h * h / 2
+    for solver, calls in (("ab2", steps), ("heun", 2 * (steps - 1) + 1)):
+        model = PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a) + b * t.view(-1, 1, 1, 1))
+        out = pixeldit.sample(model, y, steps=steps, cfg=1.0, noise=noise, solver=solver, shift=1.0)
+        assert torch.allclose(out, expected, atol=1e-6) and len(model.calls) == calls
+    # Euler's error is b h / 2 (it sees v at the left end of every step): far from exact.
+    model = PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a) + b * t.view(-1, 1, 1, 1))
+    out = pixeldit.sample(model, y, steps=steps, cfg=1.0, noise=noise, solver="euler", shift=1.0)
+    assert torch.allclose(out, noise + a + b / 2 - b * h / 2, atol=1e-6)
+    # A constant field is integrated exactly by every solver on the shifted grid too: it runs from 0 to 1.
+    for solver in ("ab2", "euler", "heun"):
+        out = pixeldit.sample(PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a)), y, steps=7, cfg=1.0,
+                              noise=noise, solver=solver, shift=3.0)
+        assert torch.allclose(out, noise + a, atol=1e-6)
+
+
+def test_pixeldit_sampler_defaults_are_the_official_ones():
+    assert pixeldit.sampler_defaults("PixelDiT-XL/16", 256) == dict(steps=100, cfg=3.25, interval=(0.1, 1.0),
+                                                                    solver="ab2", shift=1.0)
+    assert pixeldit.sampler_defaults("PixelDiT-XL/16", 512) == dict(steps=100, cfg=3.5, interval=(0.1, 1.0),
+                                                                    solver="ab2", shift=2.0)
+
+
+def test_pixeldit_cfg_scale_one_is_conditional_and_guidance_is_batched_inside_the_interval():
+    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)          # label-dependent velocity
+    noise = torch.randn(2, 3, 8, 8) * 0.1
+    y = torch.tensor([2, 5])
+    m1 = PixelDiTFieldModel(fn)
+    out1 = pixeldit.sample(m1, y, steps=4, cfg=1.0, noise=noise, solver="euler", shift=1.0)
+    assert torch.allclose(out1, noise + (y.float() / 10).view(-1, 1, 1, 1), atol=1e-6)
+    assert m1.calls == [2, 2, 2, 2]                                # no unconditional pass at all with cfg = 1
+    m3 = PixelDiTFieldModel(fn)
+    out3 = pixeldit.sample(m3, y, steps=4, cfg=3.0, interval=(0.1, 0.6), noise=noise, solver="euler", shift=1.0)
+    # Grid 0, .25, .5, .75: only t = .25 and .5 lie in (0.1, 0.6) and are guided: v_u + 3 (v_c - v_u).
+    v_c, v_u = y.float() / 10, torch.ones(2)                       # null label = 10 -> v_u = 1
+    expected = noise + (0.5 * v_c + 0.5 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
+    assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-6)
+    assert m3.calls == [2, 4, 4, 2]                                # cond + uncond in ONE batched forward
+
+
+# ---- training loop, CLI, checkpoints ----------------------------------------------------------------------------
+
+
+def test_pixeldit_cli_smoke_writes_checkpoint_grid_and_log(tmp_path):
+    run = pixeldit.main(TINY + ["--steps", "4", "--batch-size", "8", "--log-every", "2", "--sample-every", "4",
+                                "--ckpt-every", "4", "--out", str(tmp_path / "run")])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["script"] == "pixeldit" and ckpt["step"] == 4 and ckpt["config"] == "tiny" and ckpt["img_size"] == 32
+    assert set(ckpt["model"]) == set(ckpt["ema"]) and not any(k.startswith(("_orig_mod", "module")) for k in
+                                                               ckpt["model"])
+    key = "pixel_blocks.0.adaLN_modulation.0.weight"
+    assert ckpt["model"][key].abs().sum() > 0 and not torch.equal(ckpt["model"][key], ckpt["ema"][key])
+    grid = Image.open(run / "grid_0000004.png")
+    assert grid.size == (8 * 34 + 2, 8 * 34 + 2) and np.asarray(grid).std() > 1
+    assert [r["step"] for r in read_log(run)] == [2, 4] and all(math.isfinite(r["loss"]) for r in read_log(run))
+    assert ckpt["args"]["flip"] is False and ckpt["args"]["grad_clip"] == 1.0 and ckpt["args"]["shift"] == 1.0
+    model = pixeldit.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema"])                             # what sample.py does
+
+
+def test_pixeldit_cli_with_repa_and_post_modulation(tmp_path):
+    """The REPA path of main() with a tiny stand-in teacher: the projector is trained and saved with the model,
+    model_kwargs rebuilds it, and resuming with another --post-modulation is refused."""
+    run = pixeldit.main(TINY + ["--steps", "2", "--batch-size", "4", "--sample-every", "100", "--repa",
+                                "--post-modulation", "--out", str(tmp_path / "run")], encoder=tiny_encoder())
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["model_kwargs"] == dict(post_modulation=True, repa_dim=768)
+    assert ckpt["model"]["repa_proj.4.weight"].shape == (768, 64)
+    assert ckpt["model"]["pixel_blocks.0.adaLN_modulation.0.weight"].shape == (4 * 64 * 16, 64)  # 4 sets, no gates
+    model = pixeldit.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    assert math.isfinite(read_log(run)[-1]["loss"])
+    with pytest.raises(SystemExit, match="post_modulation=True"):
+        pixeldit.main(TINY + ["--steps", "3", "--batch-size", "4", "--repa", "--no-post-modulation",
+                              "--out", str(run), "--resume"], encoder=tiny_encoder())
+
+
+HUBCONF = """
+import torch
+
+class TinyDino(torch.nn.Module):            # DINOv2's interface: forward_features(x)["x_norm_patchtokens"]
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, 768, kernel_size=14, stride=14)
+
+    def forward_features(self, x):
+        return {"x_norm_patchtokens": self.patch_embed(x).flatten(2).transpose(1, 2)}
+
+def dinov2_vitb14(pretrained=True):
+    return TinyDino()
+"""
+
+
+def test_pixeldit_repa_loads_from_dinov2_path_and_fails_at_start_without_it(tmp_path):
+    """--dinov2-path goes through torch.hub.load(path, "dinov2_vitb14", source="local"): a missing checkout stops
+    the run before anything is created; a (stand-in) checkout with DINOv2's interface trains."""
+    with pytest.raises(SystemExit, match="--repa: could not load DINOv2 ViT-B/14"):
+        pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "no-dinov2"), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()                           # nothing started
+    (tmp_path / "dinov2").mkdir()
+    (tmp_path / "dinov2" / "hubconf.py").write_text(HUBCONF)
+    run = pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "dinov2"), "--steps", "1",
+                                "--batch-size", "4", "--out", str(tmp_path / "r")])
+    assert "repa_proj.0.weight" in torch.load(run / "ckpt.pt", weights_only=False)["model"]
+
+
+def test_pixeldit_resume_continues_with_identical_losses(tmp_path):
+    common = TINY + ["--batch-size", "8", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "2"]
+    pixeldit.main(common + ["--steps", "4", "--out", str(tmp_path / "a")])
+    pixeldit.main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    pixeldit.main(common + ["--steps", "4", "--out", str(tmp_path / "b"), "--resume"])
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]        # steps 3, 4 after resume: bit-identical
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["data"] == {"epoch": 0, "pos": 4}
+
+
+def test_pixeldit_resume_of_a_copied_run_writes_to_the_copy(tmp_path):
+    """--resume RUN alone continues RUN where it lies (not in the folder the run was first written to), and takes
+    the machine settings (device, workers) from this command line, not from the checkpoint."""
+    pixeldit.main(TINY + ["--batch-size", "8", "--log-every", "1", "--sample-every", "100", "--steps", "1",
+                          "--out", str(tmp_path / "a")])
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    pixeldit.main(["--resume", str(tmp_path / "copy"), "--steps", "2", "--device", "cpu", "--num-workers", "0"])
+    assert [r["step"] for r in read_log(tmp_path / "copy")] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path / "a")] == [1]    # the original run is untouched
+
+
+def test_pixeldit_resume_refuses_other_scripts_checkpoint_and_existing_run(tmp_path):
+    run = tmp_path / "run"
+    pixeldit.main(TINY + ["--steps", "1", "--batch-size", "4", "--sample-every", "100", "--out", str(run)])
+    with pytest.raises(SystemExit, match="config='tiny'"):          # another config than the run's
+        pixeldit.main(TINY[2:] + ["--config", "PixelDiT-S/8", "--steps", "2", "--out", str(run), "--resume"])
+    with pytest.raises(SystemExit, match="exists: pass --resume"):  # never silently overwrite a run
+        pixeldit.main(TINY + ["--steps", "2", "--batch-size", "4", "--out", str(run)])
+    other = tmp_path / "other.pt"
+    torch.save(dict(script="jit", args={}), other)
+    with pytest.raises(SystemExit, match="checkpoint of jit.py, not of pixeldit.py"):
+        pixeldit.main(TINY + ["--resume", str(other)])
+
+
+def test_pixeldit_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="data/ffhq128 not found. To get it: download the FFHQ"):
+        pixeldit.main(TINY + ["--data", "ffhq128", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="unknown --config"):
+        pixeldit.main(TINY[2:] + ["--config", "PixelDiT-Z", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="not a multiple of the patch size"):
+        pixeldit.create_model("tiny", 36, 10)
+
+
+def test_pixeldit_data_presets_for_ffhq128(tmp_path):
+    """`python pixeldit.py --data ffhq128`: 128px, PixelDiT-B/16, unconditional, the paper's lr, shift 1, no flip."""
+    args = pixeldit.get_args(["--data", "ffhq128"])
+    assert (args.img_size, args.config, args.unconditional, args.lr, args.shift, args.flip, args.repa) == (
+        128, "PixelDiT-B/16", True, 1e-4, 1.0, False, False)
+    args = pixeldit.get_args(["--data", "imagenet", "--img-size", "512"])
+    assert (args.config, args.repa, args.shift, args.grad_clip, args.lr_drop_epoch) == (
+        "PixelDiT-XL/16", True, 3.0, 0.5, 160)

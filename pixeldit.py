@@ -1,0 +1,1154 @@
+"""
+PixelDiT: "PixelDiT: Pixel Diffusion Transformers for Image Generation" (Yu et al., NVIDIA, arXiv 2511.20645)
+
+A diffusion transformer trained directly on pixels, with no autoencoder, made affordable by splitting the work in
+two levels (paper, Method):
+  1. a PATCH-level DiT on 16x16 patches models the global layout (one token per patch, as a latent DiT would);
+  2. a shallow PIXEL-level transformer (PiT blocks, a 16-dim token for EVERY pixel) refines the texture,
+     conditioned per pixel by the patch level ("pixel-wise AdaLN": each patch token is expanded into p*p distinct
+     shift/scale/gate sets, one per pixel of its patch), and mixing information across the image through
+     "pixel token compaction": the p*p pixel tokens of a patch are flattened and compressed into ONE token before
+     global attention and expanded back after it, so attention costs O(patches^2), not O(pixels^2).
+The network predicts the velocity v = x - e (rectified flow); training adds a REPA loss (DINOv2 features).
+
+Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
+Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, L=h*w patches (patch tokens),
+        P=p*p pixels per patch, D patch-level width, c=16 pixel-level width.
+
+    python pixeldit.py                                   # built-in "shapes" data, PixelDiT-S/8, minutes on a GPU
+    python pixeldit.py --data ffhq128                    # FFHQ 128x128, PixelDiT-B/16 (README: download, defaults)
+    python pixeldit.py --data ffhq128 --repa             # + REPA alignment to DINOv2 (downloads it via torch.hub)
+    torchrun --nproc_per_node=8 pixeldit.py --data imagenet       # the paper's ImageNet-256 run: XL/16 + REPA
+    python sample.py runs/pixeldit-shapes --grid grid.png          # sample a checkpoint (sample.py)
+
+Official code: NVlabs/PixelDiT (PyTorch Lightning); model in pixdit_core/, objective and sampler in
+c2i/src/diffusion.py. Our parameter names follow pixdit_core/pixeldit_c2i.py, so a released checkpoint's
+"ema_denoiser." weights load into create_model(...) after stripping that prefix.
+Differences from the official code: grep "DIFF:".
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+SCRIPT = "pixeldit"  # written into every checkpoint; sample.py dispatches on it
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 1. Configs (the paper's model table; official c2i/configs/*.yaml) ----
+# ---------------------------------------------------------------------------------------------------------------
+# depth: patch-level DiT blocks (N). pixel_depth: PiT blocks (M). width: patch-level D. heads: attention heads of
+# both levels (the pixel level attends over compacted tokens of width D). pixel_dim: per-pixel token width c.
+# patch: p. repa_layer: the patch block whose output REPA aligns to DINOv2 (official align_layer=8, 1-indexed).
+# Parameter counts are for 1000 classes at 256px and match the paper to < 0.5% (a test checks).
+CONFIGS = {
+    "PixelDiT-B/16": dict(depth=12, pixel_depth=2, width=768, heads=12, pixel_dim=16, patch=16, repa_layer=8),  # 184M
+    "PixelDiT-L/16": dict(depth=22, pixel_depth=4, width=1024, heads=16, pixel_dim=16, patch=16, repa_layer=8),  # 569M
+    "PixelDiT-XL/16": dict(depth=26, pixel_depth=4, width=1152, heads=16, pixel_dim=16, patch=16, repa_layer=8),  # 797M
+    # Not in the paper: DiT-S widths with 8x8 patches, our default for the built-in 64px shapes data (8x8 = 64
+    # patch tokens; a 16-pixel patch would leave only 4x4). 39.7M params with 8 classes at 64px.
+    "PixelDiT-S/8": dict(depth=12, pixel_depth=2, width=384, heads=6, pixel_dim=16, patch=8, repa_layer=4),
+    # For the tests only: one forward+backward at 32px in milliseconds on a CPU.
+    "tiny": dict(depth=2, pixel_depth=1, width=64, heads=2, pixel_dim=16, patch=8, repa_layer=1),
+}
+
+# What `--data NAME` means when NAME is not a folder: image size and the training defaults we use for it.
+# Every value can be overridden on the command line.
+DATA_PRESETS = {
+    # Ours, for a quick visible result: a small model, a higher lr than the paper's 1e-4 (grad clip keeps it safe).
+    "shapes": dict(img_size=64, config="PixelDiT-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    # FFHQ-128 (70k faces, unconditional): B/16 gives an 8x8 patch grid; the pixel level renders each 16x16 patch.
+    # The paper's lr and time shift (1: 128px has fewer pixels than 256px, where the paper already uses 1).
+    "ffhq128": dict(img_size=128, config="PixelDiT-B/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    # The paper's ImageNet-256 recipe (implementation details): XL/16, batch 256, 1.6M steps = 320 epochs,
+    # lr 1e-4 dropped to 1e-5 after 160 epochs, REPA on.
+    "imagenet": dict(img_size=256, config="PixelDiT-XL/16", batch_size=256, steps=1_600_000, lr=1e-4,
+                     lr_drop_epoch=160, repa=True, sample_every=10_000, ckpt_every=10_000),
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="PixelDiT-B/16", batch_size=128, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 2. Building blocks ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (eps 1e-6) with a learnable gain, computed in fp32 whatever the autocast dtype (official modules.py).
+    The paper replaces DiT's LayerNorm by RMSNorm everywhere (paper ablation: 9.84 -> 8.53 gFID with RoPE).
+    DIFF: the official RMSNorm multiplies by the gain after casting back to the input dtype, so under bf16 autocast
+    it returns fp32; we apply the gain in fp32 and return the input dtype (equal up to bf16 rounding)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):
+    """AdaLN: x * (1 + scale) + shift. Shapes broadcast: patch level (B, L, D) with (B, 1, D); pixel level
+    (B, L, P, c) with (B, L, P, c), i.e. a different shift and scale for every pixel."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): sinusoid of the RAW t with max_period = 10 (not DiT's 10000 on t*1000), [cos | sin],
+    then MLP 256 -> D -> D (official TimestepConditioner). With max_period 10 the 128 angular frequencies run from
+    1 down to 0.1 rad per unit t: every feature is a slow, smooth function of t in [0, 1]."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                           # (B,)
+        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with num_classes + 1 rows; row num_classes is the null label used for CFG (label dropout)."""
+
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y):                                           # (B,) -> (B, D)
+        return self.embedding_table(y)
+
+
+def rope_2d(head_dim, h, theta=10_000.0, scale=16.0):
+    """2D rotary embedding of the official precompute_freqs_cis_2d, as real cos/sin tables of shape (h*h, head_dim).
+    Positions are linspace(0, 16, h) along each axis (NOT the integer grid): the patch grid always spans [0, 16],
+    whatever the resolution. The head_dim channels form head_dim/2 rotated pairs (2j, 2j+1), interleaved by axis:
+    pair 2k turns with the column (x) and pair 2k+1 with the row (y), both by angle pos * theta^(-4k/head_dim),
+    i.e. channels 4k, 4k+1 follow x and 4k+2, 4k+3 follow y."""
+    pos = torch.linspace(0, scale, h, dtype=torch.float64)                       # (h,)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")                               # (h, h) each; token = row*h + col
+    freqs = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)  # (head_dim/4,)
+    angle = torch.stack([x.reshape(-1, 1) * freqs, y.reshape(-1, 1) * freqs], -1)  # (L, head_dim/4, 2): x, y
+    angle = angle.flatten(1).repeat_interleave(2, dim=-1)                        # (L, head_dim): one angle per pair
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, heads, L, d). Rotates each channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the complex
+    product (x0 + i x1) * e^(i angle) of the official apply_rotary_emb, in real arithmetic (compile-friendly)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, L, d/2) each
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, L, d): "rotate_half", interleaved
+    return x.float() * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, q/k RMSNorm per head, then 2D RoPE (official RotaryAttention).
+    Used unchanged by both levels; at the pixel level its L tokens are the compacted patches."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):                                               # (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)                               # (B, heads, L, d)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))                      # (B, L, D)
+
+
+class SwiGLU(nn.Module):
+    """Patch-level FFN: SwiGLU without biases, hidden int(2/3 * 4D) (2048 for D=768; official FeedForward)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)
+        self.w1 = nn.Linear(dim, hidden, bias=False)   # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)   # value
+        self.w2 = nn.Linear(hidden, dim, bias=False)   # out
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class PatchEmbedder(nn.Module):
+    """Patch embedding (the official "s_embedder"): each p x p patch unfolded channel-major (3*p*p values, the
+    order of F.unfold / a stride-p conv) -> Linear -> D."""
+
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(3 * patch * patch, dim)
+
+    def forward(self, z):                                               # (B, 3, H, W)
+        s = F.unfold(z, kernel_size=self.patch, stride=self.patch)      # (B, 3*p*p, L): channel, then row, col
+        return self.proj(s.transpose(1, 2))                             # (B, L, 3*p*p) -> (B, L, D)
+
+
+class PatchBlock(nn.Module):
+    """Patch-level DiT block (paper, Method: patch-level DiT; official AugmentedDiTBlock): adaLN-Zero with RMSNorm,
+    RoPE attention, SwiGLU. c = SiLU(t_emb + y_emb) already holds the SiLU, so adaLN_modulation is a bare
+    Linear(D, 6D)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim)
+        # nn.Sequential with one Linear only so that the key is "adaLN_modulation.0" as in the official checkpoints.
+        self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim))   # zero-init: the block starts as identity
+
+    def forward(self, s, c, cos, sin):                     # s: (B, L, D), c: (B, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, 1, D) each
+        s = s + gate1 * self.attn(modulate(self.norm1(s), shift1, scale1), cos, sin)
+        s = s + gate2 * self.mlp(modulate(self.norm2(s), shift2, scale2))
+        return s
+
+
+def sincos_pos_embed(dim, h):
+    """Fixed 2D sin-cos position embedding (MAE style), (h*h, dim). The first half of the channels encodes the
+    column, the second half the row; each half is [sin | cos] of pos * 1/10000^(k/(dim/4)). Positions are integers."""
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    row, col = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(h, dtype=torch.float64),
+                              indexing="ij")                                           # (h, h) each
+
+    def embed_1d(pos):                                       # (N,) -> (N, dim/2)
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed_1d(col), embed_1d(row)], dim=1).float()  # (N, dim)
+
+
+def image_to_pixel_tokens(x, p):                            # (B, c, H, W) -> (B, L, P, c)
+    """Group the pixels of an image by patch: token [b, l, i*p + j] is pixel (i, j) of patch l (row-major)."""
+    B, c, H, W = x.shape
+    x = x.reshape(B, c, H // p, p, W // p, p)               # (B, c, h, p, w, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)                         # (B, h, w, p, p, c): channels fastest
+    return x.reshape(B, (H // p) * (W // p), p * p, c)      # (B, L, P, c)
+
+
+def pixel_tokens_to_image(x, p):                            # (B, L, P, c) -> (B, c, H, W), the inverse
+    B, L, P, c = x.shape
+    h = math.isqrt(L)
+    x = x.reshape(B, h, h, p, p, c)                         # (B, h, w, p, p, c)
+    x = x.permute(0, 5, 1, 3, 2, 4)                         # (B, c, h, p, w, p)
+    return x.reshape(B, c, h * p, h * p)
+
+
+class PixelMLP(nn.Module):
+    """PiT feed-forward: Linear(c -> 4c), exact GELU, Linear(4c -> c), with biases (16 -> 64 -> 16)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PiTBlock(nn.Module):
+    """Pixel Transformer block (paper, Method: pixel-level DiT; official PiTBlock). x holds one c-dim token per
+    pixel, grouped by patch: (B, L, P, c). s_cond (B, L, D) is the patch level's output, one vector per patch.
+
+    Step by step:
+      1. Pixel-wise AdaLN. Linear(D -> 6*P*c) maps each patch's s_cond to 6*P*c numbers, viewed as (P, 6*c):
+         pixel i of the patch gets its OWN shift1, scale1, gate1, shift2, scale2, gate2 (c values each). A
+         patch-wise AdaLN (DiT) would give all P pixels of a patch the same modulation; per-pixel modulation lets
+         the patch level paint detail inside the patch (paper ablation: 3.50 -> 2.36 gFID).
+      2. Token compaction. The modulated pixel tokens of a patch are flattened (P*c = 4096 for p=16, c=16) and
+         compressed by a Linear to ONE token of width D. Attention then runs over the L compacted tokens with the
+         same qk-norm and RoPE as the patch level: O(L^2), e.g. 256^2 at 256px instead of 65536^2 for attention
+         over all pixels (which the paper's ablation finds does not fit in memory). A Linear expands the result
+         back to P*c, i.e. one c-vector per pixel, added through the per-pixel gate.
+      3. A per-pixel MLP (c -> 4c -> c), modulated and gated per pixel the same way.
+
+    post_modulation=True is the variant of official PR #8, the maintainers' fix for the loss / grad-norm spikes
+    reported with PixelDiT-B (NVlabs/PixelDiT#6): Linear(D -> 4*P*c) gives per-pixel (scale1, shift1, scale2,
+    shift2) that modulate the OUTPUT of attention and MLP, whose inputs are plain RMSNorm(x); no gates.
+    Default off: the released checkpoints use the pre-modulation above."""
+
+    def __init__(self, pixel_dim, dim, heads, patch, post_modulation=False):
+        super().__init__()
+        P = patch * patch
+        self.post_modulation = post_modulation
+        self.norm1 = RMSNorm(pixel_dim)
+        self.compress_to_attn = nn.Linear(P * pixel_dim, dim)       # (P*c) -> D: one token per patch
+        self.attn = Attention(dim, heads)
+        self.expand_from_attn = nn.Linear(dim, P * pixel_dim)       # D -> (P*c): back to one token per pixel
+        self.norm2 = RMSNorm(pixel_dim)
+        self.mlp = PixelMLP(pixel_dim)
+        n_mod = 4 if post_modulation else 6
+        self.adaLN_modulation = nn.Sequential(nn.Linear(dim, n_mod * P * pixel_dim))   # zero-init
+
+    def forward(self, x, s_cond, cos, sin):                     # x: (B, L, P, c), s_cond: (B, L, D)
+        B, L, P, c = x.shape
+        # Pixel-wise AdaLN: the per-patch vector becomes P per-pixel parameter sets. The layout is the official
+        # one (pixel-major: output unit i*6c + k*c + j is pixel i, parameter k, channel j), so weights interchange.
+        mod = self.adaLN_modulation(s_cond).view(B, L, P, -1)   # (B, L, P, 6c) or (B, L, P, 4c)
+        if self.post_modulation:
+            scale1, shift1, scale2, shift2 = mod.chunk(4, dim=-1)                    # (B, L, P, c) each
+            h = self.norm1(x)
+        else:
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)      # (B, L, P, c) each
+            h = modulate(self.norm1(x), shift1, scale1)
+        # Token compaction: all pixels of a patch -> one D-dim token -> global attention -> back to pixels.
+        h = self.compress_to_attn(h.reshape(B, L, P * c))       # (B, L, P*c) -> (B, L, D)
+        h = self.attn(h, cos, sin)                               # (B, L, D): attention over the L patches only
+        h = self.expand_from_attn(h).view(B, L, P, c)            # (B, L, P*c) -> (B, L, P, c)
+        if self.post_modulation:
+            x = x + modulate(h, shift1, scale1)
+            x = x + modulate(self.mlp(self.norm2(x)), shift2, scale2)
+        else:
+            x = x + gate1 * h
+            x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x                                                 # (B, L, P, c)
+
+
+class PixelEmbedder(nn.Module):
+    """Pixel embedding (paper, Method: pixel-level DiT): Linear(3 -> c) per pixel plus a fixed 2D sin-cos embedding
+    over the FULL H x W pixel grid (so a pixel knows where it is in the image, not only in its patch), grouped by
+    patch."""
+
+    def __init__(self, pixel_dim, img_size, patch):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(3, pixel_dim)
+        pos = sincos_pos_embed(pixel_dim, img_size).view(1, img_size, img_size, pixel_dim)  # (1, H, W, c)
+        self.register_buffer("pos_embed", pos, persistent=False)   # rebuilt from the config, never trained
+
+    def forward(self, z):                                             # (B, 3, H, W)
+        x = self.proj(z.permute(0, 2, 3, 1)) + self.pos_embed         # (B, H, W, c)
+        return image_to_pixel_tokens(x.permute(0, 3, 1, 2), self.patch)  # (B, L, P, c)
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm(c) -> Linear(c -> 3) per pixel, no modulation; zero-init so the model outputs exactly 0 at init."""
+
+    def __init__(self, pixel_dim):
+        super().__init__()
+        self.norm = RMSNorm(pixel_dim)
+        self.linear = nn.Linear(pixel_dim, 3)
+
+    def forward(self, x):                                   # (B, L, P, c) -> (B, L, P, 3)
+        return self.linear(self.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 3. The model (paper, Method: dual-level architecture) ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PixelDiT(nn.Module):
+    """z (B,3,H,W), t (B,), y (B,) -> the velocity v = x - e (B,3,H,W).
+    With return_repa=True (training with REPA) it also returns the projected patch-level feature (B, L, repa_dim)."""
+
+    def __init__(self, config, img_size, num_classes, depth, pixel_depth, width, heads, pixel_dim, patch,
+                 repa_layer, post_modulation=False, repa_dim=0):
+        super().__init__()
+        if img_size % patch:
+            raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {patch} of {config}.")
+        if repa_dim and not 1 <= repa_layer <= depth:
+            raise SystemExit(f"{config}: REPA taps patch block {repa_layer}, but the model has {depth} blocks.")
+        self.config, self.img_size, self.num_classes = config, img_size, num_classes
+        self.patch, self.repa_layer, self.post_modulation, self.repa_dim = patch, repa_layer, post_modulation, repa_dim
+        h = img_size // patch                                              # patch grid side
+        # ---- patch level. No absolute position embedding: positions enter only through RoPE (paper ablation).
+        self.s_embedder = PatchEmbedder(patch, width)
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = LabelEmbedder(num_classes, width)
+        self.patch_blocks = nn.ModuleList([PatchBlock(width, heads) for _ in range(depth)])
+        # One RoPE table serves both levels: the pixel level attends over the same L patch positions.
+        # DIFF: the official code builds its RoPE and pixel sin-cos tables on the fly for each input size and caches
+        # them in Python dicts; we build them once for img_size as non-persistent buffers (rebuilt from the config
+        # on load, never saved): no Python state in forward, so torch.compile traces it whole.
+        cos, sin = rope_2d(width // heads, h)
+        self.register_buffer("rope_cos", cos, persistent=False)           # (L, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # ---- pixel level
+        self.pixel_embedder = PixelEmbedder(pixel_dim, img_size, patch)
+        self.pixel_blocks = nn.ModuleList([PiTBlock(pixel_dim, width, heads, patch, post_modulation)
+                                           for _ in range(pixel_depth)])
+        self.final_layer = FinalLayer(pixel_dim)
+        # ---- REPA projector (official REPATrainer.proj): D -> D -> D -> repa_dim with SiLU.
+        # DIFF: the official code keeps this MLP in the trainer, outside the denoiser's checkpoint; we keep it in the
+        # model (only when REPA is on), so one state dict, one optimizer and DDP cover it. Sampling never uses it.
+        if repa_dim:
+            self.repa_proj = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                           nn.Linear(width, repa_dim))
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Official PixDiT.initialize_weights: patch embed xavier-uniform (bias 0); class table and t-MLP N(0, 0.02);
+        # every modulation layer and the final linear zero; every other Linear keeps PyTorch's default init.
+        nn.init.xavier_uniform_(self.s_embedder.proj.weight)
+        nn.init.zeros_(self.s_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[0] for b in [*self.patch_blocks, *self.pixel_blocks]] + [
+                self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, z, t, y, return_repa=False):
+        p = self.patch
+        cos, sin = self.rope_cos, self.rope_sin
+        # ---- patch level: a DiT on L patch tokens
+        t_emb = self.t_embedder(t).unsqueeze(1)                            # (B, 1, D)
+        c = F.silu(t_emb + self.y_embedder(y).unsqueeze(1))                # (B, 1, D): the adaLN condition
+        s = self.s_embedder(z)                                             # (B, L, D)
+        for i, block in enumerate(self.patch_blocks):
+            s = block(s, c, cos, sin)                                      # (B, L, D)
+            if i + 1 == self.repa_layer:
+                feature = s                                                # REPA taps this block's output
+        # No final layer: each patch token, plus t, becomes the condition of its pixels (the class enters only
+        # through the patch level).
+        s_cond = F.silu(t_emb + s)                                         # (B, L, D)
+        # ---- pixel level: PiT blocks on one c-dim token per pixel
+        x = self.pixel_embedder(z)                                         # (B, L, P, c)
+        for block in self.pixel_blocks:
+            x = block(x, s_cond, cos, sin)                                 # (B, L, P, c)
+        v = pixel_tokens_to_image(self.final_layer(x), p)                  # (B, L, P, 3) -> (B, 3, H, W)
+        if return_repa:
+            return v, self.repa_proj(feature)                              # (B, L, repa_dim)
+        return v
+
+
+def default_shift(img_size):
+    """Paper, implementation details: the logit-normal t is shifted by s = 1 at 256px and s = 3 at 512px (more
+    pixels need more noise to hide the signal). We use 1 below 512 (our 64/128px data included) and 3 from 512 on."""
+    return 3.0 if img_size >= 512 else 1.0
+
+
+def create_model(config, img_size, num_classes, post_modulation=False, repa_dim=0):
+    """The PixelDiT of CONFIGS[config]. post_modulation: the PiT variant of official PR #8 (see PiTBlock).
+    repa_dim > 0 adds the REPA projector to that many channels (768 for DINOv2 ViT-B/14)."""
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
+    return PixelDiT(config, img_size, num_classes, post_modulation=post_modulation, repa_dim=repa_dim,
+                    **CONFIGS[config])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 4. Flow matching and REPA (paper, training objective; official c2i/src/diffusion.py REPATrainer) ----
+# ---------------------------------------------------------------------------------------------------------------
+# z = t*x + (1-t)*e, v = dz/dt = x - e. The network predicts v; the loss is the plain MSE to v plus 0.5 x REPA.
+# Conversions from (z, t) and v:  x = z + (1-t)*v (exact),  e = z - t*v.  And back from x: v = (x - z)/(1-t),
+# which divides by 0 at t=1: we clamp (1-t) at T_EPS = 0.05 as JiT does, so x_to_v is finite everywhere (only
+# needed to drive this sampler with an x-predictor; PixelDiT itself never divides).
+T_EPS = 0.05
+LABEL_DROP = 0.1      # probability of replacing the label by the null class (for CFG); official null_condition_p
+REPA_WEIGHT = 0.5     # lambda of the REPA loss (official feat_loss_weight)
+REPA_DIM = 768        # width of DINOv2 ViT-B/14 patch tokens (the projector's output)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # DINOv2's input normalisation
+
+
+def _bcast(t):        # (B,) -> (B, 1, 1, 1)
+    return t.view(-1, 1, 1, 1)
+
+
+def x_to_v(x_pred, z, t):
+    """v = (x - z) / max(1-t, t_eps)."""
+    return (x_pred - z) / (1 - _bcast(t)).clamp_min(T_EPS)
+
+
+def v_to_x(v, z, t):
+    """x = z + (1-t) * v: the clean image the velocity points at (exact, no clamp needed)."""
+    return z + (1 - _bcast(t)) * v
+
+
+def shift_t(t, shift):
+    """Resolution time shift (SD3-style), official time_shift_fn: t -> t / (t + (1-t) * s). With s > 1 it moves t
+    towards 0 (noise): in logit space it is exactly logit(t) - log(s). s = 1 is the identity."""
+    return t / (t + (1 - t) * shift)
+
+
+def sample_t(n, device, shift=1.0):
+    """Training t (official lognorm_t): t = sigmoid(N(0, 1)), then the resolution shift."""
+    return shift_t(torch.sigmoid(torch.randn(n, device=device)), shift)
+
+
+def repa_target(encoder, x, patch):
+    """DINOv2 features of the CLEAN image x (B,3,H,W) in [-1, 1] (official DINOv2 wrapper): [0, 1], ImageNet-
+    normalised, bicubic-resized to 14 * H/p so the /14 encoder sees the patch grid (224 at 256px, p=16); the
+    encoder maps that to (B, (H/p)^2, 768) patch tokens (DINOv2 x_norm_patchtokens), one per patch of ours."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    img = ((x + 1) / 2 - mean) / std                                   # (B, 3, H, W), ImageNet-normalised
+    side = 14 * (x.shape[-1] // patch)
+    img = F.interpolate(img, size=(side, side), mode="bicubic")        # (B, 3, 14h, 14h)
+    return encoder(img)                                                # (B, L, 768)
+
+
+def flow_loss(model, x, y, num_classes, shift=1.0, encoder=None, repa_weight=REPA_WEIGHT):
+    """The training objective: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss
+    MSE(v_pred, x - e) + repa_weight * mean(1 - cos(proj(h_8), DINOv2(x))) when an encoder is given."""
+    B = x.shape[0]
+    t = sample_t(B, x.device, shift)                                   # (B,)
+    e = torch.randn_like(x)                                            # (B, 3, H, W)
+    z = _bcast(t) * x + (1 - _bcast(t)) * e                            # noisy image z_t
+    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
+    if encoder is None:
+        v = model(z, t, y)
+        return (v.float() - (x - e)).pow(2).mean()
+    # REPA (Yu et al. 2024, "Representation Alignment", used by the paper): align the patch-level feature of the
+    # NOISY input to the frozen encoder's feature of the CLEAN image, token by token, by cosine similarity.
+    v, h = model(z, t, y, return_repa=True)                            # (B, 3, H, W), (B, L, 768)
+    with torch.no_grad():
+        target = repa_target(encoder, x, unwrap(model).patch)           # (B, L, 768)
+    cos = F.cosine_similarity(h.float(), target.float(), dim=-1)        # (B, L)
+    return (v.float() - (x - e)).pow(2).mean() + repa_weight * (1 - cos).mean()
+
+
+def load_dinov2(device, path=None):
+    """The REPA teacher: DINOv2 ViT-B/14 (no registers), frozen, from torch.hub (facebookresearch/dinov2) or from a
+    local checkout of that repository. Returns a callable: ImageNet-normalised images (B, 3, 14h, 14h) ->
+    x_norm_patchtokens (B, h*h, 768). Any callable with that contract works (the tests pass a tiny one)."""
+    try:
+        if path:
+            dino = torch.hub.load(path, "dinov2_vitb14", source="local")
+        else:
+            dino = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True)
+    except Exception as err:   # no network, no cache, a wrong path: all end the same way, at start
+        raise SystemExit(f"--repa: could not load DINOv2 ViT-B/14 ({type(err).__name__}: {err}). It needs network "
+                         "access once (torch.hub caches code and weights under ~/.cache/torch/hub), or pass "
+                         "--dinov2-path to a clone of github.com/facebookresearch/dinov2 with the weights "
+                         "dinov2_vitb14_pretrain.pth in ~/.cache/torch/hub/checkpoints/; or drop --repa.")
+    dino = dino.to(device).eval().requires_grad_(False)
+    return lambda img: dino.forward_features(img)["x_norm_patchtokens"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 5. Sampler (official FlowDPMSolverSampler: 2nd-order Adams-Bashforth; c2i/README "Sampler Settings") ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sampler_defaults(config, img_size):
+    """The official evaluation settings (c2i/README): Adams-Bashforth 2, 100 steps, CFG inside (0.1, 1.0).
+    256px: CFG 3.25, shift 1 (80/160-epoch checkpoints; the 320-epoch one uses 2.75 on (0.1, 0.9)).
+    512px: CFG 3.5, shift 2.0 (training used 3). Published for XL only; we use them for every size."""
+    if img_size >= 512:
+        return dict(steps=100, cfg=3.5, interval=(0.1, 1.0), solver="ab2", shift=2.0)
+    return dict(steps=100, cfg=3.25, interval=(0.1, 1.0), solver="ab2", shift=1.0)
+
+
+def time_grid(steps, shift):
+    """Official grid: linspace(0, 1 - 1/N, N) then 1.0 (uniform spacing 1/N), then the time shift; in float32 as
+    the official one, so the CFG interval test below sees the same grid points."""
+    ts = torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)])
+    return shift_t(ts, shift).tolist()
+
+
+@torch.no_grad()
+def velocity(model, z, t, y, cfg, interval):
+    """v(z, t) with classifier-free guidance v_u + w * (v_c - v_u), applied only when interval[0] < t < interval[1]
+    (strict, as the official code). t is a python float (the same for the whole batch); the test is done in
+    float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
+    DIFF: the official sampler always runs cond + uncond and discards the uncond half outside the interval; we run
+    cond and uncond as ONE batched forward inside the interval and only the conditional half outside it."""
+    B = z.shape[0]
+    tt = torch.full((B,), t, device=z.device)
+    t32 = torch.tensor(t, dtype=torch.float32)                                 # CPU scalar: no GPU sync
+    if cfg != 1.0 and bool((t32 > interval[0]) & (t32 < interval[1])):
+        null = torch.full_like(y, model.num_classes)
+        v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)  # 2B batch
+        return v_u + cfg * (v_c - v_u)
+    return model(z, tt, y).float()
+
+
+@torch.no_grad()
+def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False,
+           shift=None):
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on the shifted grid (time_grid). Solvers:
+      "ab2"   (default, official): the first step Euler, then z += dt * (1.5 v_i - 0.5 v_{i-1}); one network call
+              per step. The fixed 1.5/-0.5 weights are exact for v linear in t on a UNIFORM grid (shift 1); on a
+              shifted grid they are the official approximation and we keep them.
+      "euler": z += dt * v.
+      "heun":  Euler predictor + trapezoid corrector, 2 calls per step; the last step is Euler.
+               DIFF: the official HeunSampler (default exact_henu=False) reuses the corrector's velocity as the next
+               step's start (1 call per step after the first); ours is the textbook Heun (as in jit.py).
+    Returns images (B,3,H,W) in [-1, 1]. None arguments take the paper's defaults (sampler_defaults); `noise`
+    (B,3,H,W) overrides the starting noise."""
+    d = sampler_defaults(model.config, model.img_size)
+    steps = steps or d["steps"]
+    cfg = d["cfg"] if cfg is None else cfg
+    cfg = 1.0 if model.num_classes == 1 else cfg           # unconditional data: nothing to guide towards
+    interval = interval or d["interval"]
+    solver = solver or d["solver"]
+    shift = d["shift"] if shift is None else shift
+    if solver not in ("ab2", "euler", "heun"):
+        raise SystemExit(f"unknown solver {solver!r}: pixeldit.py samples with 'ab2' (the paper's), 'euler' or 'heun'")
+    dev = next(model.parameters()).device
+    y = y.to(dev)
+    B, H = y.shape[0], model.img_size
+    if noise is None:
+        noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
+    z = noise.to(dev, torch.float32)                       # z_0 = e ~ N(0, I)
+    ts = time_grid(steps, shift)
+    v_prev = None
+    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+            t, t_next = ts[i], ts[i + 1]
+            dt = t_next - t
+            v = velocity(model, z, t, y, cfg, interval)
+            if solver == "ab2" and v_prev is not None:
+                z = z + dt * (1.5 * v - 0.5 * v_prev)      # 2nd-order Adams-Bashforth
+            elif solver == "heun" and i < steps - 1:
+                v_next = velocity(model, z + dt * v, t_next, y, cfg, interval)
+                z = z + dt * 0.5 * (v + v_next)
+            else:                                          # Euler (solver "euler", AB2's first step, Heun's last)
+                z = z + dt * v
+            v_prev = v
+    return z.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 6. Data ----
+# ---------------------------------------------------------------------------------------------------------------
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
+    "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
+               "~2 GB) and put them in data/ffhq128/ (subfolders are fine), or pass --data /path/to/folder",
+    "imagenet": "put the ImageNet-1k train split (one subfolder per class, e.g. data/imagenet/n01440764/*.JPEG) "
+                "in data/imagenet/, or pass --data /path/to/train",
+}
+
+
+def center_crop_arr(img, size):
+    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
+    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image under `root`, searched recursively. Class subfolders (ImageNet layout: every image inside a
+    top-level folder) give class labels; otherwise (FFHQ) one class. Returns (uint8 (3, H, W), label): the
+    normalisation to [-1, 1] happens on the GPU (train_step) so the host only moves bytes."""
+
+    def __init__(self, root, size, class_cond=True):
+        self.root, self.size = Path(root), size
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
+        if not self.files:
+            raise SystemExit(f"no images (png/jpg/jpeg/webp) found under {root}: check the --data path.")
+        top = [p.relative_to(self.root).parts for p in self.files]
+        if class_cond and all(len(parts) > 1 for parts in top):
+            self.classes = sorted({parts[0] for parts in top})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[parts[0]] for parts in top]
+        else:
+            self.classes, self.labels = ["all"], [0] * len(self.files)
+        self.bad = 0    # unreadable files met by this process (each DataLoader worker counts its own)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        for j in range(i, i + 100):                    # an unreadable file is replaced by the next readable one
+            path = self.files[j % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_arr(img.convert("RGB"), self.size)
+                return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[j % len(self.files)]
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                self.bad += 1
+                warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
+        # RuntimeError, not SystemExit: a DataLoader worker passes an Exception's message back to the main process.
+        raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
+
+
+class Shapes(torch.utils.data.Dataset):
+    """Built-in labelled data, so `python pixeldit.py` runs with no download: one coloured shape (the class) on a
+    two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
+    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
+    classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
+
+    def __init__(self, size, n=20_000):
+        self.size, self.n = size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        label = int(rng.integers(len(self.classes)))
+        S = 4 * self.size
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)             # background gradient colours
+        gy, gx = np.mgrid[0:S, 0:S] / S - 0.5                                   # (S, S) coordinates
+        a = rng.uniform(0, 2 * np.pi)                                           # gradient direction
+        ramp = np.clip(gx * np.cos(a) + gy * np.sin(a) + 0.5, 0, 1)[..., None]  # (S, S, 1) in [0, 1]
+        img = Image.fromarray((c0 * (1 - ramp) + c1 * ramp).astype(np.uint8))   # (S, S, 3)
+        draw = ImageDraw.Draw(img)
+        r = rng.uniform(0.18, 0.35) * S                                         # shape radius
+        cx, cy = rng.uniform(r, S - r, 2)
+        a0 = rng.uniform(0, 2 * np.pi)                                          # rotation
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+
+        def polygon(k, radius=r, phase=0.0):                                    # regular k-gon vertices
+            return [(cx + radius * np.cos(a0 + phase + 2 * np.pi * j / k),
+                     cy + radius * np.sin(a0 + phase + 2 * np.pi * j / k)) for j in range(k)]
+
+        name = self.classes[label]
+        if name == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif name == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=int(r * 0.35))
+        elif name == "square":
+            draw.polygon(polygon(4), fill=color)
+        elif name == "diamond":                                                 # a rhombus: squashed square
+            pts = polygon(4)
+            draw.polygon([(cx + 0.55 * (px - cx), py) if j % 2 else (px, py) for j, (px, py) in enumerate(pts)],
+                         fill=color)
+        elif name == "triangle":
+            draw.polygon(polygon(3), fill=color)
+        elif name == "hexagon":
+            draw.polygon(polygon(6), fill=color)
+        elif name == "star":
+            outer, inner = polygon(5), polygon(5, 0.42 * r, np.pi / 5)
+            draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
+        else:                                                                   # cross: two thick bars
+            for phase in (0.0, np.pi / 2):
+                dx, dy = np.cos(a0 + phase), np.sin(a0 + phase)
+                draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
+        img = img.resize((self.size, self.size), resample=Image.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
+
+
+def resolve_data(name):
+    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
+    if name == "shapes":
+        return "shapes", None
+    if Path(name).is_dir():
+        return "folder", Path(name)
+    if Path("data", name).is_dir():
+        return "folder", Path("data", name)
+    if name in DATA_HELP:
+        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
+    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
+
+
+def make_dataset(args):
+    kind, path = resolve_data(args.data)
+    if kind == "shapes":
+        return Shapes(args.img_size)
+    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
+    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def batches(loader, data_state):
+    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
+    while True:
+        loader.sampler.set_epoch(data_state["epoch"])
+        loader.sampler.skip = data_state["pos"] * loader.batch_size
+        for batch in loader:
+            data_state["pos"] += 1
+            yield batch
+        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 7. Training (paper, implementation details; official c2i/configs/pix256_xl.yaml, src/lightning.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of the weights (fp32), updated in place with one fused _foreach op per step.
+    DIFF: the official SimpleEMA uses a fixed 0.9999 from step 0; we use the warmup
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 1.6M-step runs this is the paper's
+    0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random init, and
+    the sample grids would show noise."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.src = [p for p in model.parameters()]
+        self.dst = [p for p in self.model.parameters()]
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
+
+
+def unwrap(model):
+    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def lr_at(step, args):
+    """Paper, implementation details: a constant lr (1e-4, no warmup), divided by 10 after 160 epochs in the
+    ImageNet run (--lr-drop-epoch; args.lr_drop_steps is set by main() from the dataset size)."""
+    # DIFF: the official trainer has no lr schedule; the drop is made by hand, resuming with override_lr_on_resume.
+    drop = args.lr_drop_steps is not None and step > args.lr_drop_steps
+    return args.lr * (0.1 if drop else 1.0)
+
+
+def build(args, num_classes, device):
+    """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
+    raw = create_model(args.config, args.img_size, num_classes, post_modulation=args.post_modulation,
+                       repa_dim=REPA_DIM if args.repa else 0).to(device)
+    ema = EMA(raw, args.ema)
+    # Official config: AdamW with PyTorch's default betas (0.9, 0.999), no weight decay. fused=True: one kernel for
+    # all parameters on CUDA. The REPA projector (inside raw when --repa) is trained with the same settings.
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def compile_and_wrap(raw, args, device, ddp=False):
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, ema, opt, x, y, step, args, encoder=None):
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
+    encoder: the frozen REPA teacher (load_dinov2) when args.repa, else None.
+    Returns the loss as a 0-dim tensor without reading it (no host sync)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
+    if args.flip:                                                         # off by default: the paper has no flip
+        x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    raw = unwrap(model)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official "bf16-mixed".
+        loss = flow_loss(model, x, y, raw.num_classes, args.shift, encoder, args.repa_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    # Official: gradient_clip_val 1.0 (0.5 at 512px), by global norm. No host sync: the norm stays on the device.
+    torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+    opt.step()
+    ema.update(step)
+    return loss.detach()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def find_checkpoint(path):
+    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def save_grid(images, path, nrow):
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap."""
+    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, H, W, _ = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+def get_args(argv=None, ckpt=None):
+    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
+    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
+    p = argparse.ArgumentParser(description="Train PixelDiT (Yu et al., arXiv 2511.20645).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # -- data and model
+    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
+    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
+    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
+    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
+                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (paper: off)")
+    p.add_argument("--post-modulation", action=argparse.BooleanOptionalAction,
+                   help="PiT post-modulation (official PR #8): try it if the loss spikes (default off)")
+    # -- objective
+    p.add_argument("--shift", type=float, help="time shift of the training t (paper: 1 at 256px, 3 at 512px)")
+    p.add_argument("--repa", action=argparse.BooleanOptionalAction,
+                   help="REPA loss to DINOv2 ViT-B/14 features (paper: on; needs torch.hub or --dinov2-path)")
+    p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
+    p.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for --repa without network")
+    # -- optimisation
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs")
+    p.add_argument("--steps", type=int, help="total optimisation steps")
+    p.add_argument("--lr", type=float, help="learning rate (paper: 1e-4 at batch 256)")
+    p.add_argument("--lr-drop-epoch", type=float, help="divide the lr by 10 after this many epochs (paper: 160)")
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm (paper: 1.0; 0.5 at 512px)")
+    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
+    # -- run folder, logging, sampling
+    p.add_argument("--out", help="run folder (default runs/pixeldit-DATA)")
+    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
+    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
+    p.add_argument("--cfg", type=float, help="CFG scale for the grids (default: the paper's, 3.25 at 256px)")
+    p.add_argument("--sample-steps", type=int, help="sampler steps for the grids (paper: 100, Adams-Bashforth 2)")
+    # -- system
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--num-workers", type=int, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, help="global seed")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    args = p.parse_args(argv)
+
+    saved = ckpt["args"] if ckpt else {}
+    data = args.data or saved.get("data") or "shapes"
+    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
+    defaults = dict(data="shapes", img_size=256, config="PixelDiT-B/16", unconditional=False,
+                    flip=False, post_modulation=False, shift=None, repa=False, repa_weight=REPA_WEIGHT,
+                    dinov2_path=None, batch_size=128, steps=100_000, lr=1e-4, lr_drop_epoch=None, grad_clip=None,
+                    ema=0.9999, out=None, ckpt_every=5000, sample_every=5000, log_every=50, cfg=None,
+                    sample_steps=None, compile=None, precision=None, num_workers=min(8, os.cpu_count() or 1),
+                    seed=0, device=None)
+    machine = ("out", "device", "compile", "precision", "num_workers", "dinov2_path")  # never from the checkpoint
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
+    # Resolution-dependent paper defaults: time shift 1 / 3 and grad clip 1.0 / 0.5 at 256 / 512px.
+    args.shift = args.shift or default_shift(args.img_size)
+    args.grad_clip = args.grad_clip or (0.5 if args.img_size >= 512 else 1.0)
+    args.lr_drop_steps = None            # set by main() from --lr-drop-epoch and the dataset size
+    if args.resume and not args.out:                                    # resume writes where the checkpoint is
+        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
+    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python pixeldit.py`: one
+    process on --device. Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
+            torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def check_compatible(args, ckpt):
+    """A checkpoint continues only the run it came from: same script (checked on load), config, size, and the
+    flags that change the model's parameters."""
+    for key in ("config", "img_size", "post_modulation", "repa", "shift"):
+        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 8. main ----
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None, encoder=None):
+    """Train. `encoder` replaces DINOv2 as the REPA teacher (the tests pass a tiny one); None loads DINOv2."""
+    args = get_args(argv)
+    ckpt = None
+    if args.resume is not None:
+        ckpt_path = find_checkpoint(args.resume or args.out)
+        ckpt = load_checkpoint(ckpt_path)
+        args = get_args(argv, ckpt)
+        check_compatible(args, ckpt)
+    elif (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+
+    rank, world, device = setup_distributed(args)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
+    if args.repa and encoder is None:
+        # Loaded first, so that a missing DINOv2 stops the run before anything else happens. One process per
+        # machine (local rank 0) fills the torch.hub cache while the others wait, then they read the cache.
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if world > 1 and not first:
+            dist.barrier()
+        encoder = load_dinov2(device, args.dinov2_path)
+        if world > 1 and first:
+            dist.barrier()
+    encoder = encoder if args.repa else None
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
+    torch.backends.cudnn.allow_tf32 = True
+
+    dataset = make_dataset(args)
+    num_classes = len(dataset.classes)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
+    steps_per_epoch = len(dataset) // args.batch_size
+    if args.lr_drop_epoch is not None:
+        args.lr_drop_steps = int(args.lr_drop_epoch * steps_per_epoch)
+    raw, ema, opt = build(args, num_classes, device)
+    step, data_state = 0, {"epoch": 0, "pos": 0}
+    if ckpt:
+        if ckpt["num_classes"] != num_classes:
+            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
+                             f"{num_classes}; resume with the data it was trained on.")
+        raw.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, data_state = ckpt["step"], dict(ckpt["data"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        del ckpt
+    model = compile_and_wrap(raw, args, device, ddp=world > 1)
+
+    local_batch = args.batch_size // world
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
+                                                              # one, or a resumed run would diverge from the original
+    data = batches(loader, data_state)
+
+    run = Path(args.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        n_params = sum(p.numel() for p in raw.parameters())
+        print(f"{args.config} ({n_params / 1e6:.1f}M params, patch {raw.patch}, shift {args.shift}, "
+              f"repa={args.repa}, post_modulation={args.post_modulation}) on {len(dataset)} images, {num_classes} "
+              f"classes, {world} x {device.type}, batch {args.batch_size}, lr {args.lr:.2e}, {args.precision}, "
+              f"compile={args.compile} -> {run}")
+    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
+    gen = torch.Generator().manual_seed(1234)
+    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
+    grid_y = torch.arange(64) % num_classes
+
+    def log_and_check(loss_sum, n, t0):
+        """The only host sync: read the mean loss of the last n steps, stop on NaN/inf, write log.jsonl."""
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        loss = loss_sum.item() / n
+        if not math.isfinite(loss):
+            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
+                             "checkpoint; resume from it with a lower --lr, --post-modulation (new run), or "
+                             "--precision fp32.")
+        rate = n * args.batch_size / (time.time() - t0)
+        if rank == 0:
+            with open(run / "log.jsonl", "a") as f:
+                f.write(json.dumps(dict(step=step, loss=loss, lr=lr_at(step, args), img_per_s=rate)) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr_at(step, args):.1e}")
+
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
+    loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
+    try:
+        while step < args.steps:
+            x, y = next(data)
+            step += 1
+            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
+                                   y.to(device, non_blocking=True), step, args, encoder)
+            n += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+                log_and_check(loss_sum, n, t0)                     # before any save: never checkpoint a NaN
+                loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
+            if step % args.sample_every == 0 or step == args.steps:
+                if rank == 0:
+                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                rngs = [None] * world
+                if world > 1:
+                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
+                else:
+                    rngs = [rng_state()]
+                if rank == 0:
+                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
+                                     num_classes=num_classes,
+                                     model_kwargs=dict(post_modulation=args.post_modulation, repa_dim=raw.repa_dim),
+                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)), run / "ckpt.pt")
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run
+
+
+if __name__ == "__main__":
+    main()
