@@ -4,8 +4,8 @@ JiT: "Back to Basics: Let Denoising Generative Models Denoise" (Tianhong Li & Ka
 A plain ViT ("Just image Transformer") on raw pixels with big patches (16 at 256px, 32 at 512px) is trained as a
 flow-matching model, but the network predicts the CLEAN image x, not the noise or the velocity. Clean images lie
 on a low-dimensional manifold; noise does not. A 3*16*16 = 768-dim patch token can represent x with a width-768
-transformer, but not the full-rank noise that eps- or v-prediction must reproduce (§4.2, Tab. 2; toy version §3.3, Fig. 2). The loss is
-still taken on velocity ("x-prediction, v-loss", paper Alg. 1), which weights the timesteps well.
+transformer, but not the full-rank noise that eps- or v-prediction must reproduce (§4.2, Tab. 2; toy version §3.3,
+Fig. 2). The loss is still taken on velocity ("x-prediction, v-loss", paper Alg. 1), which weights the timesteps well.
 
 Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
 Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens, D width.
@@ -259,7 +259,8 @@ def unpatchify(x, p):                                       # (B, N, p*p*C) -> (
 
 class JiT(nn.Module):
     """z (B,3,H,W), t (B,), y (B,) -> the network's prediction (B,3,H,W): the clean image x by default (pred="x").
-    `pred` only labels what the output means (the ablation of §4.2, Tab. 2, trains the same network to output eps or v)."""
+    `pred` only labels what the output means (the ablation of §4.2, Tab. 2, trains the same network to output eps
+    or v)."""
 
     def __init__(self, config, img_size, num_classes, depth, width, heads, patch, bottleneck, ctx_start, drop,
                  pred="x", noise_scale=1.0):
@@ -415,8 +416,9 @@ def sample_t(n, device, p_mean=P_MEAN, p_std=P_STD):
 def flow_loss(model, x, y, num_classes, pred="x", loss="v", noise_scale=1.0):
     """Paper Alg. 1 (training): x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss.
     The net outputs `pred`; the MSE is taken in the space of `loss` (the default x-pred/v-loss is the paper's;
-    all 9 pairs are its Tab. 2, conversions Tab. 1). The target is the same conversion applied to the ground truth of what the
-    net predicts, so the t_eps clamp acts as a loss weight and a perfect prediction has exactly zero loss."""
+    all 9 pairs are its Tab. 2, conversions Tab. 1). The target is the same conversion applied to the ground truth
+    of what the net predicts, so the t_eps clamp acts as a loss weight and
+    a perfect prediction has exactly zero loss."""
     B = x.shape[0]
     t = sample_t(B, x.device)                                           # (B,)
     e = torch.randn_like(x) * noise_scale                               # (B, 3, H, W)
@@ -905,7 +907,8 @@ def main(argv=None):
     # -- Processes and devices: one process per GPU under torchrun, else one process on --device.
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
+                         "use a multiple.")
     torch.manual_seed(args.seed + rank)                         # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)

@@ -795,8 +795,9 @@ def batches(loader, data_state):
 class EMA:
     """Exponential moving average of the weights (fp32), updated in place with one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 1.6M-step runs this is the paper's
-    0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random init, and
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
+    For the paper's 1.6M-step runs this is the paper's 0.9999 after ~90k steps;
+    for a user's 10k-step run a fixed 0.9999 would still be mostly the random init, and
     the sample grids would show noise."""
 
     def __init__(self, model, decay):
@@ -1035,7 +1036,8 @@ def main(argv=None, encoder=None):
 
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
+                         "use a multiple.")
     if args.repa and encoder is None:
         # Loaded first, so that a missing DINOv2 stops the run before anything else happens. One process per
         # machine (local rank 0) fills the torch.hub cache while the others wait, then they read the cache.

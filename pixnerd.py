@@ -713,8 +713,9 @@ def batches(loader, data_state):
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 800k-step runs this is the
-    paper's 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
+    For the paper's 800k-step runs this is the paper's 0.9999 after ~90k steps;
+    for a user's 10k-step run a fixed 0.9999 would still be mostly the random
     init, and the sample grids would show noise."""
 
     def __init__(self, model, decay):
@@ -936,7 +937,8 @@ def main(argv=None, encoder=None):
     # -- Processes and devices: one process per GPU under torchrun, else one process on --device.
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} GPUs; use a multiple.")
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
+                         "use a multiple.")
     torch.manual_seed(args.seed + rank)                         # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
