@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from jit import center_crop_arr  # the ADM center crop all four scripts train with (each has its own copy)
+
 SCRIPTS = ("jit", "pixeldit", "pixnerd", "deco")  # the `script` values a checkpoint may carry
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 GRID_MAX = 256     # --grid shows the first min(n, 256) samples (with --n 50000 the grid is a preview)
@@ -175,19 +177,6 @@ def save_npz(images, path):
     np.savez(path, arr_0=arr)                            # np.savez streams a memmap in chunks (uncompressed zip)
     del arr
     tmp.unlink()
-
-
-def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, what our scripts train on): halve with a box filter while the short side
-    is >= 2*size, bicubic-resize the short side to `size`, take the center. PIL -> (size, size, 3) uint8.
-    A size x size image comes back unchanged."""
-    while min(*img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(*img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top: top + size, left: left + size]
 
 
 class Images(torch.utils.data.Dataset):
