@@ -714,7 +714,9 @@ def build(args, num_classes, device):
 
 
 def compile_and_wrap(raw, args, device, ddp=False):
-    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model."""
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
+    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
+    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     return torch.compile(model) if args.compile else model
 
