@@ -1440,6 +1440,18 @@ BENCH_ARGS = ["--script", "jit", "--config", "tiny", "--img-size", "32", "--batc
 
 
 @pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
+def test_default_loader_workers_share_the_cores_among_the_gpus(mod, monkeypatch):
+    """A loader that starves the GPU wastes it: the default is every core this process may use, split among the
+    processes torchrun starts on the machine (LOCAL_WORLD_SIZE), minus one per training process, within [1, 32]."""
+    for cores, local_world, expected in [(16, 1, 15), (16, 2, 7), (16, 16, 1), (2, 1, 1), (256, 1, 32), (256, 8, 31)]:
+        monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        assert mod.default_workers() == expected
+        assert mod.get_args(["--device", "cpu"]).num_workers == expected
+    assert mod.get_args(["--device", "cpu", "--num-workers", "3"]).num_workers == 3
+
+
+@pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
 def test_each_model_compiles_as_one_graph_with_eager_values(mod):
     """The torch.compile lever (compile_and_wrap) fuses the whole model only if it traces whole: fullgraph=True
     raises at the first graph break (a data-dependent branch, an .item(), Python-side state). The aot_eager backend
