@@ -112,7 +112,7 @@ def matmul_peak(device, dtype):
     """The FLOP/s this device reaches on large square matmuls of `dtype`: the denominator of our MFU. Measured
     rather than taken from a datasheet (an H100 SXM is sold as 989 TFLOP/s dense bf16; we measured ~784), so MFU
     says how close the step is to what this very GPU, at its clocks and power limit, can do."""
-    n, reps = (8192, 20) if device.type == "cuda" else (512, 5)
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     timed(lambda: a @ b, 3, device)                           # warm-up: cuBLAS heuristics, clocks up
