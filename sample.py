@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from jit import center_crop_arr  # the ADM center crop all four scripts train with (each has its own copy)
+# The ADM center crop all four scripts train with, and torchrun/DDP setup (each script has its own copy).
+from jit import center_crop_arr, setup_distributed
 
 SCRIPTS = ("jit", "pixeldit", "pixnerd", "deco")  # the `script` values a checkpoint may carry
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -152,17 +153,6 @@ def save_png(img, path):
     tmp = Path(str(path) + ".tmp")
     Image.fromarray(img).save(tmp, format="PNG")
     os.replace(tmp, path)
-
-
-def save_grid(images, path, nrow):
-    """(n, H, W, 3) uint8 -> one PNG grid with a 2-pixel white gap (the layout of our training grids)."""
-    n, H, W, _ = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
-    Image.fromarray(grid).save(path)
 
 
 def save_npz(images, path):
@@ -576,30 +566,11 @@ def check_outdir(outdir, record):
         path.write_text(json.dumps(record, indent=2))
 
 
-def setup_distributed(device_arg):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU, each sampling every world-th index.
-    Plain `python sample.py`: one process on --device. Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and device_arg != "cpu":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
 def main(argv=None):
     """Returns dict(n, fid, reference) (fid None without --fid): the tests read it."""
     args = get_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    # torchrun: one process per GPU, each sampling every world-th index; plain python: one process on --device.
+    rank, world, device = setup_distributed(args)
     result = dict(n=0, fid=None, reference=None)
     samples = None                                             # the samples as an `Images` source, on rank 0
     if args.fid:                                               # every rank: none waits for one that stopped
@@ -655,8 +626,11 @@ def main(argv=None):
         result["n"] = args.n
         if rank == 0 and args.grid:
             k = min(args.n, GRID_MAX)
-            grid = np.stack([samples[i] for i in range(k)])                 # (k, H, W, 3)
-            save_grid(grid, args.grid, args.nrow or math.ceil(math.sqrt(k)))
+            grid = torch.from_numpy(np.stack([samples[i] for i in range(k)]))      # (k, H, W, 3) uint8
+            # The script's own grid writer (the layout of its training grids) takes [-1, 1]; u / 127.5 - 1 maps
+            # back to exactly u there, so the grid holds the very pixels of the PNGs and the .npz.
+            nrow = args.nrow or math.ceil(math.sqrt(k))
+            mod.save_grid(grid.permute(0, 3, 1, 2).float() / 127.5 - 1, args.grid, nrow)    # (k, 3, H, W)
             print(f"grid of {k} samples -> {args.grid}")
         if rank == 0 and args.npz:
             save_npz(samples, args.npz)
