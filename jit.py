@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
