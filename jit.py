@@ -174,6 +174,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim // heads)
         self.k_norm = RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
+        # DIFF: the official Attention has a separate dropout on the attention probabilities (attn_drop) besides
+        # the projection dropout; every published config sets attn_drop = 0, so we keep only the projection's.
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, cos, sin):                                            # (B, N, D)
@@ -184,7 +186,7 @@ class Attention(nn.Module):
         # DIFF: LTH14/JiT computes softmax(q k^T) by hand in fp32 (and applies a never-used zero bias); we call
         # F.scaled_dot_product_attention, which runs flash attention in bf16 with an fp32 softmax accumulator:
         # same math, several times faster, O(N) memory. The author kept fp32 against loss spikes he saw with
-        # v/eps-prediction; with qk-norm the logits are bounded and we saw none (README, "Differences").
+        # v/eps-prediction (LTH14/JiT#15); with qk-norm the logits are bounded (README, "Differences").
         x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
         return self.drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))       # (B, N, D)
 
@@ -448,16 +450,17 @@ def sampler_defaults(config, img_size):
 
 @torch.no_grad()
 def velocity(model, z, t, y, cfg, interval):
-    """v(z, t) with classifier-free guidance in v-space: v_u + w * (v_c - v_u), applied only when
-    interval[0] < t < interval[1] (strict, as the official code). t is a python float (the same for the batch);
-    the test is done in float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
+    """v(z, t) with classifier-free guidance in v-space: v_u + w * (v_c - v_u), applied where t < interval[1] and
+    (interval[0] == 0 or t > interval[0]): the official denoiser.py rule, so interval (0, 1) guides the first step
+    t = 0 while (0.1, 1) does not guide t = 0.1. t is a python float (the same for the batch); the test is done in
+    float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
     Inside the interval cond and uncond run as ONE batched forward.
     DIFF: the official code always runs both halves and multiplies by a scale of 1 outside the interval; we skip
-    the unconditional half there: the same result, ~10% fewer network evaluations with interval (0.1, 1)."""
+    the unconditional half there: the same result, and with Heun-50 and interval (0.1, 1) 187 instead of 198
+    network evaluations per image (99 calls, 88 of them guided): 5.6% fewer."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
-    t32 = torch.tensor(t, dtype=torch.float32)                                 # CPU scalar: no GPU sync
-    if cfg != 1.0 and bool((t32 > interval[0]) & (t32 < interval[1])):
+    if cfg != 1.0 and in_cfg_interval(t, interval):
         null = torch.full_like(y, model.num_classes)
         z2, t2 = torch.cat([z, z]), torch.cat([tt, tt])                         # (2B, 3, H, W), (2B,)
         v_c, v_u = to_v(model.pred, model(z2, t2, torch.cat([y, null])).float(), z2, t2).chunk(2)
@@ -465,11 +468,19 @@ def velocity(model, z, t, y, cfg, interval):
     return to_v(model.pred, model(z, tt, y).float(), z, tt)
 
 
+def in_cfg_interval(t, interval):
+    """The official test t < hi and (lo == 0 or t > lo), in float32 as the official tensor comparison (on the
+    50-step grid t = 5/50 is float32(0.1), not guided with lo = 0.1)."""
+    t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
+    return bool(t < hi and (lo == 0 or t > lo))
+
+
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
     """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on the uniform grid linspace(0, 1, steps+1) (Alg. 2).
     Heun (2nd order) on every interval but the last, where t_next = 1 and the (1-t) clamp makes a Heun
-    correction meaningless, so the official code ends with one Euler step. Returns images (B,3,H,W) in [-1, 1].
+    correction meaningless, so the official code ends with one Euler step. Returns images (B,3,H,W) clamped to
+    [-1, 1] (the official sampler returns raw values and clamps when converting to uint8: the same PNGs).
     None arguments take the paper's defaults (sampler_defaults). `noise` overrides the starting noise."""
     d = sampler_defaults(model.config, model.img_size)
     steps = steps or d["steps"]
@@ -696,8 +707,9 @@ def unwrap(model):
 
 def lr_at(step, args):
     """lr = blr * batch / 256 (official main_jit.py), linear warmup over 5 epochs (per iteration), then constant
-    (paper Tab. 9)."""
-    return args.peak_lr * min(1.0, step / max(1, args.warmup_steps))
+    (paper Tab. 9). Step k (1-based) gets peak * (k-1) / warmup_steps, as the official iteration k-1: the first
+    step has lr 0 (official util/lr_sched.py)."""
+    return args.peak_lr * min(1.0, (step - 1) / max(1, args.warmup_steps))
 
 
 def build(args, num_classes, device):

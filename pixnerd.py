@@ -495,7 +495,8 @@ def velocity(model, z, t, y, cfg, interval):
     the test is done in float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
     Inside the interval cond and uncond run as ONE batched forward (2B).
     DIFF: the official sampler always runs both halves and uses a scale of 1 outside the interval; we skip the
-    unconditional half there: the same result, with 10% fewer network evaluations at interval (0.1, 1)."""
+    unconditional half there: the same result, and with Euler-100 and interval (0.1, 1) 189 instead of 200
+    network evaluations per image (11 of the 100 steps are unguided): 5.5% fewer."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
     t32 = torch.tensor(t, dtype=torch.float32)                                 # CPU scalar: no GPU sync
@@ -515,7 +516,8 @@ def time_grid(steps):
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
     """Integrate dz/dt = v from t=0 (noise) to t=1 (data). Euler (the paper's) or Heun (2nd order; its last
-    step is Euler, as the official HeunSampler). Returns images (B,3,H,W) in [-1, 1]. None arguments take the
+    step is Euler, as the official HeunSampler). Returns images (B,3,H,W) clamped to [-1, 1] (the official
+    sampler returns raw values and clamps when converting to uint8: the same PNGs). None arguments take the
     paper's defaults (sampler_defaults). `noise` (B,3,H,W) overrides the starting noise.
     DIFF: the official HeunSampler (unused in their configs) by default reuses the corrector's velocity as the
     next step's predictor and guides at every t; our Heun is the textbook one (2 evaluations per step) with the

@@ -500,8 +500,8 @@ def get_args(argv=None):
     # -- the sampler: default = the paper's (the script's sampler_defaults for the checkpoint's config)
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--interval", help="CFG interval in t, 'lo,hi': guided for lo < t < hi (deco.py, as its "
-                   "official code: lo < t <= hi)")
+    p.add_argument("--interval", help="CFG interval in t, 'lo,hi', each script's official rule: jit.py lo < t < hi "
+                   "(lo = 0 guides t = 0), pixeldit.py and pixnerd.py lo < t < hi, deco.py lo < t <= hi")
     p.add_argument("--solver", help="ODE solver: euler or heun (what the script offers)")
     # -- outputs
     p.add_argument("--grid", help=f"write the first min(n, {GRID_MAX}) samples as one PNG grid")

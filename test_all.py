@@ -160,6 +160,24 @@ def test_jit_cfg_scale_one_is_the_conditional_prediction_and_guidance_is_batched
     assert m3.calls == [2, 4, 4, 4]                                # cond + uncond in ONE batched forward
 
 
+def test_jit_cfg_interval_follows_the_official_rule_lower_bound_zero_guides_t0():
+    # Official denoiser.py: guided where t < hi and (lo == 0 or t > lo), in float32.
+    assert jit.in_cfg_interval(0.0, (0.0, 1.0)) and not jit.in_cfg_interval(0.0, (0.1, 1.0))
+    ts = torch.linspace(0, 1, 51).tolist()                         # the 50-step grid; ts[5] is float32(0.1)
+    assert not jit.in_cfg_interval(ts[5], (0.1, 1.0)) and jit.in_cfg_interval(ts[6], (0.1, 1.0))
+    assert not jit.in_cfg_interval(1.0, (0.0, 1.0))                # t = 1 is never guided (t < hi)
+    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)
+    noise, y = torch.randn(2, 3, 8, 8) * 0.1, torch.tensor([2, 5])
+    v_c, v_u = y.float() / 10, torch.ones(2)
+    for interval, guided_t0 in (((0.0, 1.0), True), ((0.1, 1.0), False)):
+        m = FieldModel(fn, pred="v")
+        out = jit.sample(m, y, steps=4, cfg=3.0, interval=interval, noise=noise, solver="euler")
+        v0 = v_u + 3 * (v_c - v_u) if guided_t0 else v_c
+        expected = noise + (0.25 * v0 + 0.75 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
+        assert torch.allclose(out, expected.clamp(-1, 1), atol=1e-6)
+        assert m.calls == [4 if guided_t0 else 2, 4, 4, 4]
+
+
 def test_jit_loss_zero_for_perfect_prediction_and_loss_weight_capped():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 8, 8) * 2 - 1
@@ -757,6 +775,9 @@ def test_deco_init_from_a_smaller_resolution_run(tmp_path):
     k = "decoder.linear_out.weight"                    # (after 1 step only the output layer has moved from init)
     assert cs["model"][k].abs().sum() > 0 and not torch.equal(cs["model"][k], cb["model"][k])  # trained on from it
     assert torch.allclose(cs["model"][k], cb["model"][k], atol=1e-3)
+    # the loaded EMA continues at its decay (0.9999): one update moves it by 1e-4 of (weights - EMA), not 82%
+    ema_before, ema_after, w = cs["ema"][k], cb["ema"][k], cb["model"][k]
+    assert torch.allclose(ema_after, 0.9999 * ema_before + 0.0001 * w, atol=1e-7)
     with pytest.raises(SystemExit, match="--init-from: that run has repa=False"):
         deco.main(train_args(tmp_path / "c", "--steps", "1", "--repa", "--init-from", str(small)),
                   encoder=stand_in_encoder(8))
