@@ -745,8 +745,8 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
-    from disk only when used (get_args reads just the settings)."""
+    """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
+    read only when used (get_args reads just the settings)."""
     ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
     made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
     if made_by != SCRIPT:
