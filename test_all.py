@@ -1651,12 +1651,12 @@ def test_bench_clear_errors():
 # =================================================================================================================
 
 
-def tiny_encoder(dim=pixeldit.REPA_DIM, seed=0):
-    """A stand-in for DINOv2 ViT-B/14 with the same contract: a stride-14 patch embedding, so ImageNet-normalised
-    (B, 3, 14h, 14h) -> (B, h*h, dim) tokens. Frozen, like the real teacher."""
+def tiny_encoder(dim=pixeldit.REPA_DIM, seed=0, patch=8):
+    """A stand-in for load_dinov2's encode with the same contract: clean images in [0, 1] (B, 3, H, W) ->
+    (B, (H/patch)^2, dim) tokens, one per patch (a stride-patch embedding). Frozen, like the real teacher."""
     torch.manual_seed(seed)
-    conv = torch.nn.Conv2d(3, dim, kernel_size=14, stride=14).requires_grad_(False)
-    return lambda img: conv(img).flatten(2).transpose(1, 2)
+    conv = torch.nn.Conv2d(3, dim, kernel_size=patch, stride=patch).requires_grad_(False)
+    return lambda x01: conv(x01).flatten(2).transpose(1, 2)
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
@@ -1815,7 +1815,7 @@ def test_pixeldit_loss_zero_for_perfect_velocity_and_repa_aligned_features():
     torch.manual_seed(0)
     x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, dtype=torch.long)
     encoder = tiny_encoder()
-    target = pixeldit.repa_target(encoder, x, 8)                              # (B, 16, 768): one per patch
+    target = encoder((x + 1) / 2)                                             # (B, 16, 768): one per patch
     assert target.shape == (4, 16, 768)
     torch.manual_seed(1)
     pixeldit.sample_t(4, "cpu")                                               # replay the loss's draws to get e
@@ -1823,8 +1823,10 @@ def test_pixeldit_loss_zero_for_perfect_velocity_and_repa_aligned_features():
     for feature, expected in ((None, 0.0), (2.5 * target, 0.0), (-target, 2 * pixeldit.REPA_WEIGHT)):
         # Aligned features (any positive scale): REPA term 0. Opposite ones: 1 - cos = 2, times weight 0.5.
         torch.manual_seed(1)
-        loss = pixeldit.flow_loss(PixelDiTOracle(x, e, feature), x, y, 10, encoder=None if feature is None else encoder)
-        assert abs(loss.item() - expected) < 1e-5
+        loss, terms = pixeldit.flow_loss(PixelDiTOracle(x, e, feature), x, y, 10,
+                                         encoder=None if feature is None else encoder)
+        assert abs(loss.item() - expected) < 1e-5 and terms["mse"].item() < 1e-10
+        assert terms["repa"].item() == pytest.approx(expected / pixeldit.REPA_WEIGHT, abs=1e-5)
 
 
 # ---- sampler ----------------------------------------------------------------------------------------------------
@@ -1939,6 +1941,25 @@ def test_pixeldit_repa_loads_from_dinov2_path_and_fails_at_start_without_it(tmp_
     run = pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "dinov2"), "--steps", "1",
                                 "--batch-size", "4", "--out", str(tmp_path / "r")])
     assert "repa_proj.0.weight" in torch.load(run / "ckpt.pt", weights_only=False)["model"]
+
+
+def test_pixeldit_dinov2_encode_normalises_and_resizes_inside(monkeypatch):
+    """load_dinov2's encode takes clean [0, 1] images: it ImageNet-normalises them, then bicubic-resizes to
+    14 * (H / patch) (32px, p=8 -> 56px), so DINOv2 (patch 14) returns one token per patch of ours."""
+    class Recorder(torch.nn.Module):                               # DINOv2's interface; records its input
+        def forward_features(self, img):
+            self.seen = img
+            return {"x_norm_patchtokens": img[:, :, ::14, ::14].flatten(2).transpose(1, 2)}
+
+    net = Recorder()
+    monkeypatch.setattr(torch.hub, "load", lambda *args, **kwargs: net)
+    encode = pixeldit.load_dinov2(torch.device("cpu"), 8)
+    x01 = torch.rand(2, 3, 32, 32)
+    out = encode(x01)
+    mean = torch.tensor(pixeldit.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(pixeldit.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(net.seen, F.interpolate((x01 - mean) / std, size=(56, 56), mode="bicubic"))
+    assert out.shape == (2, 16, 3)
 
 
 def test_pixeldit_data_presets_for_ffhq128(tmp_path):
