@@ -1,15 +1,15 @@
 """
 PixNerd: "PixNerd: Pixel Neural Field Diffusion" (Shuai Wang, Ziteng Gao, Chenhui Zhu, Weilin Huang, Limin Wang,
-arXiv 2507.23268)
+arXiv 2507.23268). Official code: MCG-NJU/PixNerd (Lightning + YAML).
 
-A single-scale, single-stage pixel-space diffusion transformer with big 16x16 patches (256 tokens at 256px, as many
-as a latent DiT-XL/2). A plain linear head cannot paint the 768 values of such a patch well, so PixNerd replaces
-the final linear layer by a per-patch NEURAL FIELD: the transformer's last hidden state of each patch is turned
-into the weights of a small MLP, and that MLP maps (noisy pixel value, DCT encoding of the pixel's position in the
-patch) -> the pixel's velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE, qk-norm) trained with flow
-matching (velocity target, logit-normal t) and, optionally, REPA alignment to DINOv2 features.
+A single-scale, single-stage pixel-space DiT on big 16x16 patches (256 tokens at 256px, as many as a latent
+DiT-XL/2). A linear head cannot paint the 768 values of such a patch well, so PixNerd replaces DiT's final linear
+layer by a per-patch NEURAL FIELD: the transformer's last hidden state of each patch is turned into the weights of
+a small MLP, which maps (noisy pixel RGB, DCT encoding of the pixel's position in the patch) -> that pixel's
+velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE, qk-norm), flow matching, optional REPA to DINOv2.
+Start reading at `NeuralField`.
 
-Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
+Time: z_t = t*x + (1-t)*e, t=0 noise e, t=1 data x (all our scripts); the network predicts v = dz/dt = x - e.
 Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens (patches), D width,
         P=p*p pixels per patch, F field width (64), M field MLP hidden (128), E=768 DINOv2 feature width.
 
@@ -19,7 +19,7 @@ Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*
     python pixnerd.py --data imagenet --dinov2-path ~/dinov2   # REPA (on for imagenet) from a local dinov2 clone
     python sample.py runs/pixnerd-shapes --grid grid.png # sample a checkpoint (sample.py)
 
-Official code: MCG-NJU/PixNerd (Lightning + YAML). Differences from it: grep "DIFF:".
+Differences from the official code: grep "DIFF:".
 """
 
 import argparse
@@ -44,7 +44,7 @@ from tqdm import tqdm
 SCRIPT = "pixnerd"  # written into every checkpoint; sample.py dispatches on it
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 1. Configs (paper, Experiments; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
+# ---- 1. Configs (the paper's model names; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
 # ---------------------------------------------------------------------------------------------------------------
 # depth: transformer blocks ("num_cond_blocks"), width/heads: their size, patch: the patch side p.
 # nerf_depth: neural-field blocks ("num_blocks - num_cond_blocks"), nerf_width: field width F ("hidden_size_x"),
@@ -54,7 +54,7 @@ CONFIGS = {
     "PixNerd-L/16": dict(depth=22, width=1024, heads=16, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
                          repa_layer=8),   # 452.1M params (paper: 452M)
     "PixNerd-XL/16": dict(depth=26, width=1152, heads=16, patch=16, nerf_depth=4, nerf_width=64, nerf_hidden=128,
-                          repa_layer=8),  # 700.6M params (paper: 700M)
+                          repa_layer=8),  # 700.6M params (official README: 700M)
     # Not in the paper: a DiT-B-sized PixNerd, our FFHQ-128 default (64 tokens at 128px); 154.1M params with 1
     # class, 25M of them in the two field weight generators Linear(768 -> 16384).
     "PixNerd-B/16": dict(depth=12, width=768, heads=12, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
@@ -69,165 +69,9 @@ CONFIGS = {
 }
 REPA_DIM = 768  # width E of the DINOv2 ViT-B/14 patch tokens that REPA aligns to (official proj_encoder_dim)
 
-# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
-# the command line. The paper trains with a constant lr 1e-4 at (inferred) global batch 256, no warmup, no scaling.
-# DIFF: for the built-in shapes demo we use lr 2e-4 so a 10k-step run moves visibly; ffhq128 and imagenet keep the
-# paper's 1e-4. REPA is on for imagenet (the paper's setting; needs DINOv2, see --repa) and off elsewhere.
-DATA_PRESETS = {
-    "shapes": dict(img_size=64, config="PixNerd-S/8", batch_size=128, steps=10_000, lr=2e-4,
-                   sample_every=1000, ckpt_every=1000),
-    "ffhq128": dict(img_size=128, config="PixNerd-B/16", batch_size=128, steps=200_000, lr=1e-4,
-                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    "imagenet": dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=800_000, lr=1e-4,
-                     sample_every=10_000, ckpt_every=10_000, repa=True),  # official max_steps 800k
-}
-FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
-                       sample_every=5000, ckpt_every=5000)
-
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. Building blocks (a DiT with LLaMA-style parts; official pixnerd_c2i.py) ----
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnable gain, computed in fp32 whatever the autocast dtype (eps 1e-6, official).
-    DIFF: the official RMSNorm multiplies its fp32 gain into the result after casting back, so under bf16 autocast
-    it returns fp32 (and the adaLN modulation then runs in fp32); we return the input dtype, so it runs in bf16:
-    a rounding-level difference."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
-
-
-def modulate(x, shift, scale):  # x: (B, N, D), shift/scale: (B, D)
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, D): 256 sinusoidal features ordered [cos | sin], then Linear, SiLU, Linear.
-    Note max_period = 10 (official), not DiT's 10000: with t fed raw in [0, 1] (not t*1000), the frequencies
-    are 10^(-k/128), all in (0.1, 1]."""
-
-    def __init__(self, dim, freq_dim=256, max_period=10):
-        super().__init__()
-        half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):                                           # (B,)
-        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
-
-
-def rope_2d(head_dim, h, theta=10_000.0, span=16.0):
-    """2D rotary embedding of the official precompute_freqs_cis_2d. Returns cos, sin of shape (N, head_dim).
-    - Positions: per axis linspace(0, span=16, h), whatever h is. The grid always spans [0, 16]: at 256px (h=16)
-      the positions are 0, 16/15, ..., 16; at 512px (h=32) the same range is sampled twice as densely ("position
-      interpolation"), which is how the paper fine-tunes 256 -> 512.
-    - Frequencies: head_dim/4 of them, theta^(-arange(0, head_dim, 4)/head_dim), shared by the x and y axes.
-    - Layout: channel pairs (2i, 2i+1) rotate together; pair 0 by the column (x) angle of frequency 0, pair 1 by
-      the row (y) angle of frequency 0, pair 2 by x with frequency 1, ...: x and y alternate pair by pair."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)   # (hd/4,)
-    pos = torch.linspace(0, span, h, dtype=torch.float64)                                  # (h,)
-    row, col = torch.meshgrid(pos, pos, indexing="ij")                                     # (h, h) each
-    x_angle = col.reshape(-1, 1) * freqs                                                   # (N, hd/4)
-    y_angle = row.reshape(-1, 1) * freqs                                                   # (N, hd/4)
-    angle = torch.stack([x_angle, y_angle], dim=-1).reshape(h * h, head_dim // 2)          # (N, hd/2): x,y,x,y..
-    angle = angle.repeat_interleave(2, dim=-1)                                             # (N, hd): per channel
-    return angle.cos().float(), angle.sin().float()
-
-
-def apply_rope(x, cos, sin):
-    """x: (B, heads, N, hd). Rotates each adjacent channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin):
-    the official complex product (x0 + i x1) * e^(i angle), written with real numbers (torch.compile-friendly)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, N, hd/2) each
-    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, N, hd): "rotate_half", interleaved
-    return x.float() * cos + rotated * sin
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: qkv without bias, proj with bias, qk-RMSNorm per head before RoPE (official)."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = RMSNorm(dim // heads)
-        self.k_norm = RMSNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, cos, sin):                                            # (B, N, D)
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
-        # Speed: F.scaled_dot_product_attention runs flash attention on CUDA in bf16 (fp32 softmax accumulator):
-        # the (N, N) score matrix is never stored, so memory is O(N). apply_rope returns q, k in fp32;
-        # .to(v.dtype) brings them back to bf16, since the flash kernel needs q, k, v of one dtype.
-        x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
-
-
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases, hidden = int(2 * 4D / 3) (2730 for D=1024, 3072 for D=1152).
-    DIFF: the official FeedForward has separate w1 and w3 Linears; we fuse them into one Linear(D -> 2*hidden)
-    (one matmul instead of two; the same parameters, stacked)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        hidden = int(2 * (4 * dim) / 3)
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        x1, x3 = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(x1) * x3)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-RMSNorm block with adaLN (DiT): c -> (shift, scale, gate) for attention and for the MLP, gated
-    residuals. c = silu(t_emb + y_emb) already carries the SiLU, so adaLN is a bare Linear(D -> 6D); it keeps
-    PyTorch's default init (NOT zero as DiT's adaLN-Zero): the official code never re-initialises it."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim)
-        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
-
-    def forward(self, x, c, cos, sin):                      # x: (B, N, D), c: (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-def patchify(x, p):                                         # (B, C, H, W) -> (B, N, C*p*p)
-    """CHANNEL-MAJOR patches, the layout of F.unfold that the official code uses: value index c*p*p + i*p + j
-    (all of the red channel, then green, then blue). Token n = row * w + col."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)               # (B, C, h, p, w, p)
-    x = x.permute(0, 2, 4, 1, 3, 5)                         # (B, h, w, C, p, p): pixel column fastest
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def unpatchify(x, p):                                       # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
-    B, N, _ = x.shape
-    h = math.isqrt(N)
-    x = x.reshape(B, h, h, -1, p, p)                        # (B, h, w, C, p, p)
-    x = x.permute(0, 3, 1, 4, 2, 5)                         # (B, C, h, p, w, p)
-    return x.reshape(B, -1, h * p, h * p)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The neural field head (paper, Method: the point of the paper; official NerfEmbedder, NerfBlock) ----
+# ---- 2. The neural field head: the paper's idea (title-page figure, right, "PixNerd architecture": "replacing
+# ----    the final linear projection with a neural field"; official NerfEmbedder, NerfBlock, NerfFinalLayer) ----
 # ---------------------------------------------------------------------------------------------------------------
 # A neural field is a function of a coordinate: here, inside each p x p patch, an MLP maps a pixel's position
 # (and its noisy value) to that pixel's velocity. Its weights are not learned directly: they are PREDICTED per
@@ -241,23 +85,28 @@ def unpatchify(x, p):                                       # (B, N, C*p*p) -> (
 #                    the magnitude of s.
 #   3. the MLP:      h = h + silu(RMSNorm(h) @ W1) @ W2 (a pre-norm residual MLP, no biases), once per field block.
 #   4. output:       RMSNorm(F) -> Linear(F -> 3), zero-initialised, gives the pixel's velocity.
-# All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches.
+# All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches. For the
+# paper's configs (F=64, M=128) each patch's predicted MLP has 2*64*128 = 16,384 weights, for 768 pixel values.
 NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs): 8 x 8 = 64 coordinate features
 
 
-def dct_features(p, num_freqs=NERF_FREQS):
-    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos).
-    Pixel k = i*p + j (row i, column j) sits at x = j/(p-1), y = i/(p-1) in [0, 1]. Feature a*num_freqs + b is
-    cos(pi * x * f_a) * cos(pi * y * f_b) / (1 + f_a * f_b) with f = linspace(0, 8, 8): note the frequencies
-    are NOT the integers 0..7 of a true DCT (0, 8/7, 16/7, ..., 8, as the official code), and the 1/(1 + fx*fy)
-    weight damps the high frequencies."""
-    pos = torch.linspace(0, 1, p, dtype=torch.float64)                                  # (p,)
-    y, x = torch.meshgrid(pos, pos, indexing="ij")                                      # (p, p): row, column
-    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                                     # (P, 1, 1)
-    f = torch.linspace(0, num_freqs, num_freqs, dtype=torch.float64)                    # (8,)
-    fx, fy = f.view(1, -1, 1), f.view(1, 1, -1)                                         # (1, 8, 1), (1, 1, 8)
-    basis = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)   # (P, 8, 8): fx outer
-    return basis.reshape(p * p, num_freqs * num_freqs).float()                          # (P, 64)
+class NeuralField(nn.Module):
+    """The head that replaces DiT's final linear layer: noisy patch pixels + per-patch condition s -> velocity."""
+
+    def __init__(self, dim, patch, width, hidden, depth):
+        super().__init__()
+        self.register_buffer("dct", dct_features(patch), persistent=False)    # (P, 64)
+        self.embed = nn.Linear(3 + NERF_FREQS ** 2, width)                     # step 1: [RGB, DCT] -> F
+        self.blocks = nn.ModuleList([NerfBlock(dim, width, hidden) for _ in range(depth)])   # steps 2 and 3
+        self.norm = RMSNorm(width)
+        self.linear = nn.Linear(width, 3)                                      # step 4 (zero-init in the model)
+
+    def forward(self, pixels, s):                            # pixels: (B*N, P, 3), s: (B*N, D)
+        dct = self.dct.to(pixels.dtype).expand(pixels.shape[0], -1, -1)     # (B*N, P, 64): same for every patch
+        h = self.embed(torch.cat([pixels, dct], dim=-1))     # (B*N, P, 67) -> (B*N, P, F)
+        for block in self.blocks:
+            h = block(h, s)                                  # (B*N, P, F)
+        return self.linear(self.norm(h))                     # (B*N, P, 3)
 
 
 class NerfBlock(nn.Module):
@@ -282,44 +131,40 @@ class NerfBlock(nn.Module):
         return h + torch.bmm(F.silu(torch.bmm(self.norm(h), w1)), w2)    # (B*N, P, M) -> (B*N, P, F)
 
 
-class NeuralField(nn.Module):
-    """The head that replaces DiT's final linear layer: noisy patch pixels + per-patch condition s -> velocity."""
-
-    def __init__(self, dim, patch, width, hidden, depth):
-        super().__init__()
-        self.register_buffer("dct", dct_features(patch), persistent=False)    # (P, 64)
-        self.embed = nn.Linear(3 + NERF_FREQS ** 2, width)                     # step 1: [RGB, DCT] -> F
-        self.blocks = nn.ModuleList([NerfBlock(dim, width, hidden) for _ in range(depth)])
-        self.norm = RMSNorm(width)
-        self.linear = nn.Linear(width, 3)                                      # step 4 (zero-init in the model)
-
-    def forward(self, pixels, s):                            # pixels: (B*N, P, 3), s: (B*N, D)
-        dct = self.dct.to(pixels.dtype).expand(pixels.shape[0], -1, -1)     # (B*N, P, 64): same for every patch
-        h = self.embed(torch.cat([pixels, dct], dim=-1))     # (B*N, P, 67) -> (B*N, P, F)
-        for block in self.blocks:
-            h = block(h, s)                                  # (B*N, P, F)
-        return self.linear(self.norm(h))                     # (B*N, P, 3)
+def dct_features(p, num_freqs=NERF_FREQS):
+    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos).
+    Pixel k = i*p + j (row i, column j) sits at x = j/(p-1), y = i/(p-1) in [0, 1]. Feature a*num_freqs + b is
+    cos(pi * x * f_a) * cos(pi * y * f_b) / (1 + f_a * f_b) with f = linspace(0, 8, 8): note the frequencies
+    are NOT the integers 0..7 of a true DCT (0, 8/7, 16/7, ..., 8, as the official code), and the 1/(1 + fx*fy)
+    weight damps the high frequencies."""
+    pos = torch.linspace(0, 1, p, dtype=torch.float64)                                  # (p,)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")                                      # (p, p): row, column
+    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                                     # (P, 1, 1)
+    f = torch.linspace(0, num_freqs, num_freqs, dtype=torch.float64)                    # (8,)
+    fx, fy = f.view(1, -1, 1), f.view(1, 1, -1)                                         # (1, 8, 1), (1, 1, 8)
+    basis = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)   # (P, 8, 8): fx outer
+    return basis.reshape(p * p, num_freqs * num_freqs).float()                          # (P, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 4. The model (paper, Method and the architecture figure; official PixNerDiT) ----
+# ---- 3. The model: a DiT whose head is the neural field (title-page figure; official PixNerDiT) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class PixNerd(nn.Module):
     """z (B,3,H,W), t (B,), y (B,) -> the predicted velocity v = x - e (B,3,H,W).
-    With return_repa=True (training with REPA) it also returns the projected hidden state of block repa_layer,
-    (B, N, E), which the REPA loss aligns to DINOv2 features."""
+    repa_dim > 0 adds the REPA projector (training with REPA: repa_dim = REPA_DIM); with return_repa=True the
+    forward then also returns the projected hidden state of block repa_layer, (B, N, repa_dim)."""
 
     def __init__(self, config, img_size, num_classes, depth, width, heads, patch, nerf_depth, nerf_width,
-                 nerf_hidden, repa_layer, repa=False):
+                 nerf_hidden, repa_layer, repa_dim=0):
         super().__init__()
         if img_size % patch:
             raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {patch}.")
         if width % heads or (width // heads) % 4:
             raise SystemExit(f"config {config}: width {width} / heads {heads} must give a head_dim divisible by 4.")
         self.config, self.img_size, self.num_classes = config, img_size, num_classes
-        self.patch, self.repa_layer = patch, repa_layer
+        self.patch, self.repa_layer, self.repa_dim = patch, repa_layer, repa_dim
         h = img_size // patch                                              # patch grid side
         self.s_embedder = nn.Linear(3 * patch * patch, width)              # patch embed: no norm, no pos-embed
         self.t_embedder = TimestepEmbedder(width)
@@ -332,9 +177,9 @@ class PixNerd(nn.Module):
         # REPA projector (official REPATrainer.proj): Linear(D,D), SiLU, Linear(D,D), SiLU, Linear(D,E).
         # DIFF: the official code keeps it in the trainer; we make it a submodule of the model when training with
         # REPA, so one optimizer, one state dict and DDP cover it. It is also EMA-averaged (unused, harmless) and
-        # never called at sampling time; without --repa it does not exist (param counts are the paper's).
+        # never called at sampling time; with repa_dim=0 it does not exist (param counts are the paper's).
         self.repa_proj = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                       nn.Linear(width, REPA_DIM)) if repa else None
+                                       nn.Linear(width, repa_dim)) if repa_dim else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -370,43 +215,64 @@ class PixNerd(nn.Module):
         return (v, repa) if return_repa else v
 
 
-def create_model(config, img_size, num_classes, repa=False, **overrides):
-    """The PixNerd of CONFIGS[config]; repa=True adds the REPA projector (training with --repa). `overrides`
-    replace config entries (e.g. depth=2 in the tests)."""
+def create_model(config, img_size, num_classes, repa_dim=0, **overrides):
+    """The PixNerd of CONFIGS[config]; repa_dim=REPA_DIM adds the REPA projector (training with --repa).
+    `overrides` replace config entries (e.g. depth=2 in the tests)."""
+    if "repa" in overrides:  # checkpoints written before repa_dim stored model_kwargs {"repa": True/False}
+        repa_dim = REPA_DIM if overrides.pop("repa") else 0
     if config not in CONFIGS:
         raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
-    return PixNerd(config, img_size, num_classes, repa=repa, **dict(CONFIGS[config], **overrides))
+    return PixNerd(config, img_size, num_classes, repa_dim=repa_dim, **dict(CONFIGS[config], **overrides))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 5. Flow matching and REPA (paper, Method / implementation details; official training_repa.py) ----
+# ---- 4. Flow matching and REPA (official src/diffusion/flow_matching/training_repa.py, REPATrainer) ----
 # ---------------------------------------------------------------------------------------------------------------
 # z = t*x + (1-t)*e and the network predicts v = dz/dt = x - e directly (official LinearScheduler: alpha=t,
-# sigma=1-t, dalpha=1, dsigma=-1). From (z, t) and v:  x = z + (1-t)*v,  e = z - t*v.
-# Conversely v = (x - z)/(1-t), which blows up at the data end t=1; x_to_v clamps (1-t) at T_EPS = 0.05 like JiT.
-# The official code never converts (it only ever needs v); the helpers are here for sample.py and for reading.
-T_EPS = 0.05
+# sigma=1-t, dalpha=1, dsigma=-1); the loss is the plain MSE to v, plus REPA_WEIGHT * the REPA cosine loss.
+# From (z, t) and v the clean image is x = z + (1-t)*v (v_to_x: the sampler's last step, which lands on t=1).
+T_EPS = 0.05                # x_to_v's clamp of 1 - t (as JiT's t_eps): finite at t = 1
 LABEL_DROP = 0.1            # probability of replacing the label by the null class (official null_condition_p)
 REPA_WEIGHT = 0.5           # weight of the REPA cosine loss (official feat_loss_weight)
-
-
-def _bcast(t):              # (B,) -> (B, 1, 1, 1)
-    return t.view(-1, 1, 1, 1)
-
-
-def v_to_x(v, z, t):
-    """x = z + (1-t) * v: exact on the straight path, no clamp needed."""
-    return z + (1 - _bcast(t)) * v
-
-
-def x_to_v(x_pred, z, t):
-    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (capped weight 20)."""
-    return (x_pred - z) / (1 - _bcast(t)).clamp_min(T_EPS)
 
 
 def sample_t(n, device):
     """Logit-normal t = sigmoid(N(0, 1)) (official lognorm_t=True, no time shift at 256px), in fp32."""
     return torch.sigmoid(torch.randn(n, device=device, dtype=torch.float32))
+
+
+def v_to_x(v, z, t):
+    """x = z + (1-t) * v: exact on the straight path z_t = t*x + (1-t)*e, no clamp needed."""
+    return z + (1 - _bcast(t, z)) * v
+
+
+def x_to_v(x_pred, z, t):
+    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (weight capped at 20).
+    PixNerd predicts v, so its loss and sampler never need this direction; it is here as v_to_x's inverse."""
+    return (x_pred - z) / (1 - _bcast(t, z)).clamp_min(T_EPS)
+
+
+def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
+    """Training loss: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns (loss, terms), terms = {"mse", "repa"}
+    as detached 0-dim tensors (no host sync).
+    MSE between the predicted and the true velocity v = x - e (mean over C, H, W and the batch), plus, when an
+    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected block-8 hidden state and the encoder's
+    patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1] images -> (B, N, E) (load_dinov2).
+    With encoder=None this is the plain objective (repa term 0)."""
+    B = x.shape[0]
+    t = sample_t(B, x.device)                                           # (B,), fp32 (an official pitfall: bf16)
+    e = torch.randn_like(x)                                             # (B, 3, H, W), fp32
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                       # noisy image z_t
+    v = x - e                                                           # target velocity dz/dt
+    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
+    if encoder is None:
+        mse, repa = (model(z, t, y).float() - v).pow(2).mean(), torch.zeros((), device=x.device)
+    else:
+        v_pred, h = model(z, t, y, return_repa=True)                    # (B, 3, H, W), (B, N, E)
+        with torch.no_grad():
+            target = encoder((x + 1) / 2)                               # (B, N, E): [0, 1] input, no grad
+        mse, repa = (v_pred.float() - v).pow(2).mean(), repa_loss(h, target)
+    return mse + repa_weight * repa, dict(mse=mse.detach(), repa=repa.detach())
 
 
 def repa_loss(h, target):
@@ -415,29 +281,8 @@ def repa_loss(h, target):
     return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
 
 
-def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
-    """Training loss: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss.
-    MSE between the predicted and the true velocity v = x - e (mean over C, H, W and the batch), plus, when an
-    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected block-8 hidden state and the encoder's
-    patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1] images -> (B, N, E) (load_dinov2)."""
-    B = x.shape[0]
-    t = sample_t(B, x.device)                                           # (B,), fp32 (an official pitfall: bf16)
-    e = torch.randn_like(x)                                             # (B, 3, H, W), fp32
-    z = _bcast(t) * x + (1 - _bcast(t)) * e                             # noisy image z_t
-    v = x - e                                                           # target velocity dz/dt
-    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
-    if encoder is None:
-        return (model(z, t, y).float() - v).pow(2).mean()
-    v_pred, h = model(z, t, y, return_repa=True)                        # (B, 3, H, W), (B, N, E)
-    with torch.no_grad():
-        target = encoder((x + 1) / 2)                                   # (B, N, E): [0, 1] input, no grad
-    return (v_pred.float() - v).pow(2).mean() + repa_weight * repa_loss(h, target)
-
-
 # ---- REPA's frozen target: DINOv2 ViT-B/14 (official src/models/encoder.py) ----
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # timm IMAGENET_DEFAULT_MEAN/STD
-
-
 def load_dinov2(device, patch, path=None):
     """The frozen REPA target as a plain callable: clean images in [0, 1] (B,3,H,W) -> DINOv2 ViT-B/14 patch
     tokens (B, N, E), the x_norm_patchtokens of the official wrapper (src/models/encoder.py), which also feeds
@@ -478,7 +323,7 @@ def load_dinov2(device, patch, path=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 6. Sampler (paper, implementation details; official flow_matching/sampling.py EulerSampler) ----
+# ---- 5. Sampler (official src/diffusion/flow_matching/sampling.py, EulerSampler; config diffusion_sampler) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -488,37 +333,43 @@ def sampler_defaults(config, img_size):
     return dict(steps=100, cfg=3.5, interval=(0.1, 1.0), solver="euler")
 
 
+def time_grid(steps):
+    """The official sampling grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
+    0.99, 1 for 100 steps): uniform steps of 1/steps. A Python list, so the CFG-interval test is decided on the
+    host, never a GPU sync."""
+    return torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]).tolist()
+
+
+def in_cfg_interval(t, interval):
+    """The official guidance test, in float32 as the official tensor comparison: lo < t < hi, strict at both
+    ends (so the grid point float32(0.1) is not guided)."""
+    t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
+    return bool(lo < t < hi)            # pixeldit, pixnerd: lo < t < hi;  deco: lo < t <= hi;  jit: t < hi and (lo == 0 or t > lo)
+
+
 @torch.no_grad()
 def velocity(model, z, t, y, cfg, interval):
-    """v(z, t) with classifier-free guidance on the velocity: v_u + w * (v_c - v_u), applied only when
-    interval[0] < t < interval[1] (strict, as the official code). t is a python float (the same for the batch);
-    the test is done in float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
-    Inside the interval cond and uncond run as ONE batched forward (2B).
+    """v(z, t) for all B images at time t (a python float), with classifier-free guidance v_u + cfg * (v_c - v_u)
+    inside the CFG interval (in_cfg_interval); there cond and uncond run as ONE batched forward of 2B.
     DIFF: the official sampler always runs both halves and uses a scale of 1 outside the interval; we skip the
     unconditional half there: the same result, and with Euler-100 and interval (0.1, 1) 189 instead of 200
     network evaluations per image (11 of the 100 steps are unguided): 5.5% fewer."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
-    t32 = torch.tensor(t, dtype=torch.float32)                                 # CPU scalar: no GPU sync
-    if cfg != 1.0 and bool((t32 > interval[0]) & (t32 < interval[1])):
-        null = torch.full_like(y, model.num_classes)
-        v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
-        return v_u + cfg * (v_c - v_u)
-    return model(z, tt, y).float()
-
-
-def time_grid(steps):
-    """The official Euler grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
-    0.99, 1 for 100 steps). It is the uniform grid linspace(0, 1, steps+1), written as the official code builds it."""
-    return torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]).tolist()
+    if cfg == 1.0 or not in_cfg_interval(t, interval):
+        return model(z, tt, y).float()
+    null = torch.full_like(y, model.num_classes)                            # the null class row (CFG)
+    v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+    return v_u + cfg * (v_c - v_u)                                          # (B, 3, H, W)
 
 
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
-    """Integrate dz/dt = v from t=0 (noise) to t=1 (data). Euler (the paper's) or Heun (2nd order; its last
-    step is Euler, as the official HeunSampler). Returns images (B,3,H,W) clamped to [-1, 1] (the official
-    sampler returns raw values and clamps when converting to uint8: the same PNGs). None arguments take the
-    paper's defaults (sampler_defaults). `noise` (B,3,H,W) overrides the starting noise.
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on time_grid(steps): Euler (the paper's) or Heun
+    (2nd order; its last step is Euler, as the official HeunSampler). None arguments take the paper's defaults
+    (sampler_defaults); `noise` (B,3,H,W) overrides the starting noise.
+    Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and clamps when
+    converting to uint8: the same PNGs).
     DIFF: the official HeunSampler (unused in their configs) by default reuses the corrector's velocity as the
     next step's predictor and guides at every t; our Heun is the textbook one (2 evaluations per step) with the
     same CFG interval as Euler."""
@@ -535,23 +386,189 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     B, H = y.shape[0], model.img_size
     if noise is None:
         noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
-    z = noise.to(dev, torch.float32)                          # z_0 = e ~ N(0, I)
+    z = noise.to(dev, torch.float32)                          # z_0 = e ~ N(0, I), (B, 3, H, W)
     ts = time_grid(steps)
     with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
             t, t_next = ts[i], ts[i + 1]
-            v = velocity(model, z, t, y, cfg, interval)
-            if solver == "heun" and i < steps - 1:
+            v = velocity(model, z, t, y, cfg, interval)       # (B, 3, H, W), fp32
+            if i == steps - 1:                                 # the last step lands on t=1: z_1 = z_t + (1-t) v
+                z = v_to_x(v, z, torch.full((B,), t, device=dev))   # (Euler, for both solvers)
+            elif solver == "heun":
                 v_next = velocity(model, z + (t_next - t) * v, t_next, y, cfg, interval)
                 z = z + (t_next - t) * 0.5 * (v + v_next)
-            else:                                              # Euler step (solver="euler", or the last step)
+            else:
                 z = z + (t_next - t) * v
     return z.clamp(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ---- 6. Standard DiT parts (a DiT with LLaMA-style parts; official src/models/transformer/pixnerd_c2i.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+# The same text in pixeldit.py, pixnerd.py and deco.py (RMSNorm, modulate, TimestepEmbedder, rope_2d, apply_rope,
+# Attention, SwiGLU, _bcast), with a DIFF: line where an official code differs.
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain (eps 1e-6), computed in fp32 whatever the autocast dtype; returns the input
+    dtype.
+    DIFF: the official RMSNorm multiplies its fp32 gain into the result after casting back, so under bf16 autocast
+    it returns fp32 (and the adaLN modulation then runs in fp32); we return the input dtype, so it runs in bf16:
+    a rounding-level difference."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):                  # x: (B, N, D), shift/scale: (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): 256 sinusoids of the RAW t (not t*1000 as in DiT), ordered [cos | sin], then an MLP
+    256 -> D -> D. max_period is the official code's (10 for PixNerd, PixelDiT and DeCo; 10000 for JiT)."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                           # (B,)
+        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
+
+
+def rope_2d(head_dim, h, theta=10_000.0, scale=16.0):
+    """2D rotary embedding of the official precompute_freqs_cis_2d, as real tables cos, sin of shape (h*h, head_dim).
+    Positions: linspace(0, 16, h) along each axis (NOT the integer grid), so the grid spans [0, 16] at any
+    resolution (at 512px the same range is sampled twice as densely). Frequencies theta^(-4k/head_dim),
+    k < head_dim/4, shared by both axes. Channel pairs (2i, 2i+1) rotate together and alternate axes: pair 2k
+    (channels 4k, 4k+1) turns with the column x, pair 2k+1 (channels 4k+2, 4k+3) with the row y."""
+    freqs = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)  # (head_dim/4,)
+    pos = torch.linspace(0, scale, h, dtype=torch.float64)                           # (h,)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")                               # (h, h); token = row*h + col
+    angle = torch.stack([col.reshape(-1, 1) * freqs, row.reshape(-1, 1) * freqs], -1)  # (N, head_dim/4, 2): x, y
+    angle = angle.flatten(1).repeat_interleave(2, dim=-1)                            # (N, head_dim): one per channel
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, heads, N, d). Rotates each adjacent channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the
+    official complex product (x0 + i x1) * e^(i angle), in real arithmetic (torch.compile-friendly). Returns fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, N, d/2) each
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, N, d): "rotate_half", interleaved
+    return x.float() * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, q/k RMSNorm per head, then 2D RoPE, proj with bias (official)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):                                            # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        # Speed: F.scaled_dot_product_attention runs flash attention on CUDA in bf16 (fp32 softmax accumulator):
+        # the (N, N) score matrix is never stored, so memory is O(N). apply_rope returns q, k in fp32;
+        # .to(v.dtype) brings them back to bf16, since the flash kernel needs q, k, v of one dtype.
+        x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases, hidden = int(2 * 4D / 3) (LLaMA; the official FeedForward, same keys)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)                # 2048 for D=768, 2730 for D=1024, 3072 for D=1152
+        self.w1 = nn.Linear(dim, hidden, bias=False)   # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)   # value
+        self.w2 = nn.Linear(hidden, dim, bias=False)   # out
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Old pixnerd.py checkpoints fused w1 and w3 into one Linear "w13" (D -> 2*hidden, rows [w1; w3]): split it
+        # back into the official keys, so those checkpoints still load (and give the same outputs; tested).
+        w13 = state_dict.pop(prefix + "w13.weight", None)
+        if w13 is not None:
+            state_dict[prefix + "w1.weight"], state_dict[prefix + "w3.weight"] = w13.chunk(2, dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B, 1, 1, 1) for images
+    return t.view(-1, *[1] * (z.dim() - 1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-RMSNorm block with adaLN (DiT): c -> (shift, scale, gate) for attention and for the MLP, gated
+    residuals. c = silu(t_emb + y_emb) already carries the SiLU, so adaLN is a bare Linear(D -> 6D); it keeps
+    PyTorch's default init (NOT zero as DiT's adaLN-Zero): the official code never re-initialises it."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim)
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, cos, sin):                      # x: (B, N, D), c: (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x                                            # (B, N, D)
+
+
+def patchify(x, p):                                         # (B, C, H, W) -> (B, N, C*p*p)
+    """CHANNEL-MAJOR patches, the layout of F.unfold that the official code uses: value index c*p*p + i*p + j
+    (all of the red channel, then green, then blue). Token n = row * w + col."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)               # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                         # (B, h, w, C, p, p): pixel column fastest
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p):                                       # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
+    B, N, _ = x.shape
+    h = math.isqrt(N)
+    x = x.reshape(B, h, h, -1, p, p)                        # (B, h, w, C, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)                         # (B, C, h, p, w, p)
+    return x.reshape(B, -1, h * p, h * p)                   # (B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ---- 7. Data (ADM center crop, no flip: official PixImageNet) ----
 # ---------------------------------------------------------------------------------------------------------------
+# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
+# the command line. The paper trains with a constant lr 1e-4 at (inferred) global batch 256, no warmup, no scaling.
+# DIFF: for the built-in shapes demo we use lr 2e-4 so a 10k-step run moves visibly; ffhq128 and imagenet keep the
+# paper's 1e-4. REPA is on for imagenet (the paper's setting; needs DINOv2, see --repa) and off elsewhere.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="PixNerd-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="PixNerd-B/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    "imagenet": dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=800_000, lr=1e-4,
+                     sample_every=10_000, ckpt_every=10_000, repa=True),  # official max_steps 800k
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
     "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
@@ -744,7 +761,7 @@ def unwrap(model):
 def build(args, num_classes, device):
     """The plain model (with the REPA projector under --repa), its EMA and the optimizer: what main() trains and
     bench.py times. The frozen REPA encoder is not part of it: main() loads it and hands it to train_step."""
-    raw = create_model(args.config, args.img_size, num_classes, repa=args.repa).to(device)
+    raw = create_model(args.config, args.img_size, num_classes, repa_dim=REPA_DIM if args.repa else 0).to(device)
     ema = EMA(raw, args.ema)
     # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no lr schedule, no grad
     # clipping. fused=True: one kernel for all parameters on CUDA.
@@ -770,7 +787,7 @@ def train_step(model, ema, opt, x, y, step, args, encoder=None):
     raw = unwrap(model)
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
         # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official bf16-mixed.
-        loss = flow_loss(model, x, y, raw.num_classes, encoder, args.repa_weight)
+        loss, _ = flow_loss(model, x, y, raw.num_classes, encoder, args.repa_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -1059,7 +1076,7 @@ def main(argv=None, encoder=None):
                     rngs = [rng_state()]
                 if rank == 0:                                     # the checkpoint layout all 4 scripts share
                     save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
-                                     num_classes=num_classes, model_kwargs=dict(repa=args.repa),
+                                     num_classes=num_classes, model_kwargs=dict(repa_dim=raw.repa_dim),
                                      model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
                                      step=step, args=vars(args), rng=rngs, data=dict(data_state)),
                                 run / "ckpt.pt")
