@@ -1448,9 +1448,10 @@ def test_pixnerd_repa_train_step_with_stand_in_encoder():
     assert raw.repa_proj is not None
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     before = raw.repa_proj[0].weight.clone()
-    losses = [pixnerd.train_step(raw, ema, opt, x, torch.arange(4), s, args, pixnerd_stand_in_encoder(8))
-              for s in range(1, 4)]
-    assert all(torch.isfinite(l) for l in losses)
+    terms = [pixnerd.train_step(raw, ema, opt, x, torch.arange(4), s, args, pixnerd_stand_in_encoder(8))
+             for s in range(1, 4)]
+    assert all(set(t) == {"loss", "mse", "repa"} and all(torch.isfinite(v) for v in t.values()) for t in terms)
+    assert all(0 < t["repa"] < 2 and t["loss"] == t["mse"] + args.repa_weight * t["repa"] for t in terms)
     assert not torch.equal(raw.repa_proj[0].weight, before)        # the projector is trained
 
 
@@ -1459,6 +1460,7 @@ def test_pixnerd_repa_cli_run_with_stand_in_encoder_round_trips(tmp_path):
                                "--out", str(tmp_path / "r")], encoder=pixnerd_stand_in_encoder(8))
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)
     assert ckpt["model_kwargs"] == {"repa_dim": 768} and "repa_proj.0.weight" in ckpt["ema"]
+    assert all(set(r) >= {"loss", "mse", "repa"} and 0 < r["repa"] < 2 for r in read_log(run))   # terms logged
     pixnerd.create_model("tiny", 32, ckpt["num_classes"], **ckpt["model_kwargs"]).load_state_dict(ckpt["ema"])
     # Checkpoints written before repa_dim stored {"repa": True} / {"repa": False}: create_model still takes them.
     pixnerd.create_model("tiny", 32, ckpt["num_classes"], repa=True).load_state_dict(ckpt["ema"])
