@@ -711,7 +711,30 @@ def build(args, num_classes, device):
     # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no grad clipping.
     # fused=True: one kernel for all parameters on CUDA.
     opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), weight_decay=0.0, fused=device.type == "cuda")
+    opt.register_load_state_dict_pre_hook(lambda opt, state_dict: split_w13_adam_state(state_dict, raw))
     return raw, ema, opt
+
+
+def split_w13_adam_state(state_dict, model):
+    """The optimizer state of a run saved while SwiGLU fused w1 and w3 into one "w13" (see SwiGLU's
+    _load_from_state_dict): each w13 moment (2*hidden, D) is split into w1's and w3's, so --resume continues such a
+    run. A state dict of today's layout is returned as it is."""
+    names = [name for name, _ in model.named_parameters()]
+    old = [n.replace("w1.weight", "w13.weight") for n in names if not n.endswith("mlp.w3.weight")]
+    (group,) = state_dict["param_groups"]                   # build() makes one group
+    if len(old) == len(names) or len(group["params"]) != len(old):
+        return state_dict
+    index, state = {name: i for i, name in enumerate(names)}, {}
+    for name, i in zip(old, group["params"]):
+        if i not in state_dict["state"]:
+            continue
+        if name.endswith("w13.weight"):                     # rows [w1; w3]; the 0-dim "step" goes to both
+            halves = {k: v.chunk(2) if v.dim() else (v, v.clone()) for k, v in state_dict["state"][i].items()}
+            for j, part in enumerate(("w1.weight", "w3.weight")):
+                state[index[name.replace("w13.weight", part)]] = {k: h[j] for k, h in halves.items()}
+        else:
+            state[index[name]] = state_dict["state"][i]
+    return dict(state=state, param_groups=[dict(group, params=list(range(len(names))))])
 
 
 def compile_and_wrap(raw, args, device, ddp=False):

@@ -1467,6 +1467,34 @@ def test_pixnerd_repa_cli_run_with_stand_in_encoder_round_trips(tmp_path):
     assert pixnerd.create_model("tiny", 32, ckpt["num_classes"], repa=False).repa_proj is None
 
 
+def test_pixnerd_resume_takes_an_old_w13_optimizer_state():
+    """A run saved while SwiGLU fused w1/w3 into "w13" has Adam moments of shape (2*hidden, D) for w13, one
+    parameter fewer per block: build()'s optimizer splits them on load, so --resume continues such a run."""
+    torch.manual_seed(0)
+    args = pixnerd.get_args(TINY)
+    raw, ema, opt = pixnerd.build(args, 8, torch.device("cpu"))
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    pixnerd.train_step(raw, ema, opt, x, torch.arange(4), 1, args)
+    sd, names = opt.state_dict(), [n for n, _ in raw.named_parameters()]
+    old_state = []                                                 # the old layout: w13 = [w1; w3], w3 dropped
+    for i, name in enumerate(names):
+        if name.endswith("mlp.w1.weight"):
+            w3 = sd["state"][names.index(name.replace("w1.", "w3."))]
+            old_state.append({k: torch.cat([v, w3[k]]) if v.dim() else v for k, v in sd["state"][i].items()})
+        elif not name.endswith("mlp.w3.weight"):
+            old_state.append(sd["state"][i])
+    old = dict(state=dict(enumerate(old_state)),
+               param_groups=[dict(sd["param_groups"][0], params=list(range(len(old_state))))])
+    _, _, fresh = pixnerd.build(args, 8, torch.device("cpu"))
+    fresh.load_state_dict(old)
+    new = fresh.state_dict()
+    assert len(old_state) < len(names) and new["param_groups"] == sd["param_groups"]
+    for i in sd["state"]:
+        for k, v in sd["state"][i].items():
+            assert torch.equal(new["state"][i][k], v), (names[i], k)
+    fresh.load_state_dict(sd)                                      # today's layout passes through unchanged
+
+
 def test_pixnerd_resume_refuses_to_turn_repa_on(tmp_path):
     run = tmp_path / "run"
     pixnerd.main(TINY + ["--steps", "1", "--batch-size", "4", "--sample-every", "100", "--out", str(run)])
