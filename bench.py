@@ -24,7 +24,6 @@ frozen DINOv2 encoder needs downloaded weights, so bench runs without REPA unles
 import argparse
 import datetime
 import importlib
-import inspect
 import json
 import platform
 import subprocess
@@ -161,16 +160,10 @@ def script_args(mod, b, device):
 
 
 def repa_encoder(mod, args, device):
-    """The frozen REPA encoder (DINOv2 ViT-B/14) for scripts whose train_step takes one; None when REPA is off."""
-    if not getattr(args, "repa", False) or "encoder" not in inspect.signature(mod.train_step).parameters:
+    """The frozen REPA encoder (DINOv2 ViT-B/14) with --repa, through the script's own load_dinov2; else None."""
+    if not getattr(args, "repa", False):
         return None
-    known = dict(device=device, patch=mod.CONFIGS[args.config]["patch"], path=getattr(args, "dinov2_path", None))
-    wanted = inspect.signature(mod.load_dinov2).parameters        # the scripts differ: (device, patch, path), ...
-    try:
-        return mod.load_dinov2(**{k: v for k, v in known.items() if k in wanted})
-    except Exception as err:  # noqa: BLE001  (no network, no weights, ...): say what to do, no traceback
-        raise SystemExit(f"--repa: could not load {mod.SCRIPT}.py's DINOv2 encoder ({err}); pass its weights "
-                         "after -- (e.g. -- --dinov2-path PATH) or run without --repa.")
+    return mod.load_dinov2(device, mod.CONFIGS[args.config]["patch"], getattr(args, "dinov2_path", None))
 
 
 def bench_one(b):
@@ -217,7 +210,7 @@ def bench_one(b):
     def one_step():
         nonlocal step
         step += 1
-        losses.append(mod.train_step(model, ema, opt, x, y, step, args, **step_kwargs))
+        losses.append(mod.train_step(model, ema, opt, x, y, step, args, **step_kwargs)["loss"])
 
     t0 = time.perf_counter()
     if b.warmup:

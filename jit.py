@@ -567,8 +567,8 @@ def make_batches(dataset, args, rank, world, device, data_state):
 
 def default_workers():
     """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
-    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    starts on this machine, one core left to each training process, at most 32. A worker decodes and crops one
+    image at a time: watch img_per_s in log.jsonl to see whether more are needed."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
@@ -745,8 +745,8 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
-    from disk only when used (get_args reads just the settings)."""
+    """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
+    read only when used (get_args reads just the settings)."""
     ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
     made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
     if made_by != SCRIPT:

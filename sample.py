@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-# The ADM center crop all four scripts train with, and torchrun/DDP setup (each script has its own copy).
-from jit import center_crop_arr, setup_distributed
+# No paper script is imported here: load_model imports only the one a checkpoint names, so sample.py runs next to
+# any subset of jit.py, pixeldit.py, pixnerd.py, deco.py. The two helpers it shares with them (the ADM center crop
+# and the torchrun setup) are copies below that read the same as the scripts' own.
 
 SCRIPTS = ("jit", "pixeldit", "pixnerd", "deco")  # the `script` values a checkpoint may carry
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -167,6 +168,19 @@ def save_npz(images, path):
     np.savez(path, arr_0=arr)                            # np.savez streams a memmap in chunks (uncompressed zip)
     del arr
     tmp.unlink()
+
+
+def center_crop_arr(img, size):
+    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
+    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8.
+    A copy of the scripts' center_crop_arr (a test checks they agree): FID references get the training crop."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
 
 
 class Images(torch.utils.data.Dataset):
@@ -549,6 +563,26 @@ def sampler_settings(mod, model, args):
     cfg = d["cfg"] if args.cfg is None else args.cfg
     return dict(steps=args.steps or d["steps"], cfg=1.0 if model.num_classes == 1 else cfg,  # 1 class: no CFG
                 interval=interval, solver=args.solver or d["solver"])
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python sample.py`: one
+    process on --device. Returns (rank, world_size, device). A copy of the scripts' setup_distributed."""
+    if "RANK" not in os.environ:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
+            torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
 
 
 def check_outdir(outdir, record):

@@ -926,6 +926,59 @@ def test_sample_clear_errors(runs, tmp_path, monkeypatch):
         sample.main([ckpt, "--grid", "g.png"])
 
 
+# ---- standalone: sample.py imports only the script a checkpoint names ------------------------------------------
+
+
+def run_python(args, cwd):
+    """`python ARGS` in a fresh interpreter in `cwd`, without PYTHONPATH (so only `cwd` provides our scripts);
+    returns its stdout and fails the test with its stderr if it exits non-zero."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_sample_import_loads_no_paper_script():
+    """`import sample` in the full checkout pulls in none of jit, pixeldit, pixnerd, deco (a fresh process: this
+    one has imported them all)."""
+    code = "import sys, sample; print('loaded:', *[m for m in sample.SCRIPTS if m in sys.modules])"
+    assert run_python(["-c", code], ROOT).splitlines()[-1] == "loaded:"
+
+
+@pytest.mark.skipif("deco" not in SCRIPTS, reason="needs deco.py")
+def test_sample_runs_with_deco_py_alone(runs, tmp_path):
+    """A folder with only sample.py and deco.py (no jit.py): `python sample.py RUN --grid` on a deco checkpoint
+    works, and its samples are those the full checkout gives."""
+    for f in ("sample.py", "deco.py"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    args = [str(runs["deco"]), "--n", "3", "--npz", "s.npz", "--grid", "g.png"] + FAST
+    out = run_python(["sample.py", *args], tmp_path)
+    assert "deco.py tiny 32px" in out and (tmp_path / "g.png").is_file()
+    sample.main(args[:3] + ["--npz", str(tmp_path / "here.npz")] + FAST)          # the same in this checkout
+    a, b = np.load(tmp_path / "s.npz")["arr_0"].astype(int), np.load(tmp_path / "here.npz")["arr_0"].astype(int)
+    assert a.shape == (3, 32, 32, 3) and np.abs(a - b).max() <= 1                 # up to float rounding
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sample_center_crop_is_the_scripts(name):
+    """sample.py's own copy of the ADM center crop (FID reference folders) gives the pixels training gets."""
+    mod = importlib.import_module(name)
+    rng = np.random.default_rng(0)
+    for h, w, size in [(375, 500, 64), (40, 48, 32), (32, 32, 32), (600, 130, 64)]:   # box-halving, bicubic, none
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a = sample.center_crop_arr(img, size)
+        assert a.shape == (size, size, 3) and np.array_equal(a, mod.center_crop_arr(img, size))
+
+
+def test_sample_setup_distributed_without_torchrun(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.delenv("RANK", raising=False)
+    assert sample.setup_distributed(SimpleNamespace(device="cpu")) == (0, 1, torch.device("cpu"))
+
+
 # ---- Fréchet distance --------------------------------------------------------------------------------------------
 
 
