@@ -1,15 +1,15 @@
 """
 PixNerd: "PixNerd: Pixel Neural Field Diffusion" (Shuai Wang, Ziteng Gao, Chenhui Zhu, Weilin Huang, Limin Wang,
-arXiv 2507.23268)
+arXiv 2507.23268). Official code: MCG-NJU/PixNerd (Lightning + YAML).
 
-A single-scale, single-stage pixel-space diffusion transformer with big 16x16 patches (256 tokens at 256px, as many
-as a latent DiT-XL/2). A plain linear head cannot paint the 768 values of such a patch well, so PixNerd replaces
-the final linear layer by a per-patch NEURAL FIELD: the transformer's last hidden state of each patch is turned
-into the weights of a small MLP, and that MLP maps (noisy pixel value, DCT encoding of the pixel's position in the
-patch) -> the pixel's velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE, qk-norm) trained with flow
-matching (velocity target, logit-normal t) and, optionally, REPA alignment to DINOv2 features.
+A single-scale, single-stage pixel-space DiT on big 16x16 patches (256 tokens at 256px, as many as a latent
+DiT-XL/2). A linear head cannot paint the 768 values of such a patch well, so PixNerd replaces DiT's final linear
+layer by a per-patch NEURAL FIELD: the transformer's last hidden state of each patch is turned into the weights of
+a small MLP, which maps (noisy pixel RGB, DCT encoding of the pixel's position in the patch) -> that pixel's
+velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE, qk-norm), flow matching, optional REPA to DINOv2.
+Start reading at `NeuralField`.
 
-Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
+Time: z_t = t*x + (1-t)*e, t=0 noise e, t=1 data x (all our scripts); the network predicts v = dz/dt = x - e.
 Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens (patches), D width,
         P=p*p pixels per patch, F field width (64), M field MLP hidden (128), E=768 DINOv2 feature width.
 
@@ -19,7 +19,7 @@ Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*
     python pixnerd.py --data imagenet --dinov2-path ~/dinov2   # REPA (on for imagenet) from a local dinov2 clone
     python sample.py runs/pixnerd-shapes --grid grid.png # sample a checkpoint (sample.py)
 
-Official code: MCG-NJU/PixNerd (Lightning + YAML). Differences from it: grep "DIFF:".
+Differences from the official code: grep "DIFF:".
 """
 
 import argparse
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,7 +45,7 @@ from tqdm import tqdm
 SCRIPT = "pixnerd"  # written into every checkpoint; sample.py dispatches on it
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 1. Configs (paper, Experiments; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
+# ---- 1. Configs (the paper's model names; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
 # ---------------------------------------------------------------------------------------------------------------
 # depth: transformer blocks ("num_cond_blocks"), width/heads: their size, patch: the patch side p.
 # nerf_depth: neural-field blocks ("num_blocks - num_cond_blocks"), nerf_width: field width F ("hidden_size_x"),
@@ -54,7 +55,7 @@ CONFIGS = {
     "PixNerd-L/16": dict(depth=22, width=1024, heads=16, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
                          repa_layer=8),   # 452.1M params (paper: 452M)
     "PixNerd-XL/16": dict(depth=26, width=1152, heads=16, patch=16, nerf_depth=4, nerf_width=64, nerf_hidden=128,
-                          repa_layer=8),  # 700.6M params (paper: 700M)
+                          repa_layer=8),  # 700.6M params (official README: 700M)
     # Not in the paper: a DiT-B-sized PixNerd, our FFHQ-128 default (64 tokens at 128px); 154.1M params with 1
     # class, 25M of them in the two field weight generators Linear(768 -> 16384).
     "PixNerd-B/16": dict(depth=12, width=768, heads=12, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
@@ -69,165 +70,9 @@ CONFIGS = {
 }
 REPA_DIM = 768  # width E of the DINOv2 ViT-B/14 patch tokens that REPA aligns to (official proj_encoder_dim)
 
-# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
-# the command line. The paper trains with a constant lr 1e-4 at (inferred) global batch 256, no warmup, no scaling.
-# DIFF: for the built-in shapes demo we use lr 2e-4 so a 10k-step run moves visibly; ffhq128 and imagenet keep the
-# paper's 1e-4. REPA is on for imagenet (the paper's setting; needs DINOv2, see --repa) and off elsewhere.
-DATA_PRESETS = {
-    "shapes": dict(img_size=64, config="PixNerd-S/8", batch_size=128, steps=10_000, lr=2e-4,
-                   sample_every=1000, ckpt_every=1000),
-    "ffhq128": dict(img_size=128, config="PixNerd-B/16", batch_size=128, steps=200_000, lr=1e-4,
-                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    "imagenet": dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=800_000, lr=1e-4,
-                     sample_every=10_000, ckpt_every=10_000, repa=True),  # official max_steps 800k
-}
-FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
-                       sample_every=5000, ckpt_every=5000)
-
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. Building blocks (a DiT with LLaMA-style parts; official pixnerd_c2i.py) ----
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnable gain, computed in fp32 whatever the autocast dtype (eps 1e-6, official).
-    DIFF: the official RMSNorm multiplies its fp32 gain into the result after casting back, so under bf16 autocast
-    it returns fp32 (and the adaLN modulation then runs in fp32); we return the input dtype, so it runs in bf16:
-    a rounding-level difference."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
-
-
-def modulate(x, shift, scale):  # x: (B, N, D), shift/scale: (B, D)
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, D): 256 sinusoidal features ordered [cos | sin], then Linear, SiLU, Linear.
-    Note max_period = 10 (official), not DiT's 10000: with t fed raw in [0, 1] (not t*1000), the frequencies
-    are 10^(-k/128), all in (0.1, 1]."""
-
-    def __init__(self, dim, freq_dim=256, max_period=10):
-        super().__init__()
-        half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):                                           # (B,)
-        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
-
-
-def rope_2d(head_dim, h, theta=10_000.0, span=16.0):
-    """2D rotary embedding of the official precompute_freqs_cis_2d. Returns cos, sin of shape (N, head_dim).
-    - Positions: per axis linspace(0, span=16, h), whatever h is. The grid always spans [0, 16]: at 256px (h=16)
-      the positions are 0, 16/15, ..., 16; at 512px (h=32) the same range is sampled twice as densely ("position
-      interpolation"), which is how the paper fine-tunes 256 -> 512.
-    - Frequencies: head_dim/4 of them, theta^(-arange(0, head_dim, 4)/head_dim), shared by the x and y axes.
-    - Layout: channel pairs (2i, 2i+1) rotate together; pair 0 by the column (x) angle of frequency 0, pair 1 by
-      the row (y) angle of frequency 0, pair 2 by x with frequency 1, ...: x and y alternate pair by pair."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)   # (hd/4,)
-    pos = torch.linspace(0, span, h, dtype=torch.float64)                                  # (h,)
-    row, col = torch.meshgrid(pos, pos, indexing="ij")                                     # (h, h) each
-    x_angle = col.reshape(-1, 1) * freqs                                                   # (N, hd/4)
-    y_angle = row.reshape(-1, 1) * freqs                                                   # (N, hd/4)
-    angle = torch.stack([x_angle, y_angle], dim=-1).reshape(h * h, head_dim // 2)          # (N, hd/2): x,y,x,y..
-    angle = angle.repeat_interleave(2, dim=-1)                                             # (N, hd): per channel
-    return angle.cos().float(), angle.sin().float()
-
-
-def apply_rope(x, cos, sin):
-    """x: (B, heads, N, hd). Rotates each adjacent channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin):
-    the official complex product (x0 + i x1) * e^(i angle), written with real numbers (torch.compile-friendly)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, N, hd/2) each
-    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, N, hd): "rotate_half", interleaved
-    return x.float() * cos + rotated * sin
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: qkv without bias, proj with bias, qk-RMSNorm per head before RoPE (official)."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = RMSNorm(dim // heads)
-        self.k_norm = RMSNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, cos, sin):                                            # (B, N, D)
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
-        # Speed: F.scaled_dot_product_attention runs flash attention on CUDA in bf16 (fp32 softmax accumulator):
-        # the (N, N) score matrix is never stored, so memory is O(N). apply_rope returns q, k in fp32;
-        # .to(v.dtype) brings them back to bf16, since the flash kernel needs q, k, v of one dtype.
-        x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
-
-
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases, hidden = int(2 * 4D / 3) (2730 for D=1024, 3072 for D=1152).
-    DIFF: the official FeedForward has separate w1 and w3 Linears; we fuse them into one Linear(D -> 2*hidden)
-    (one matmul instead of two; the same parameters, stacked)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        hidden = int(2 * (4 * dim) / 3)
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        x1, x3 = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(x1) * x3)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-RMSNorm block with adaLN (DiT): c -> (shift, scale, gate) for attention and for the MLP, gated
-    residuals. c = silu(t_emb + y_emb) already carries the SiLU, so adaLN is a bare Linear(D -> 6D); it keeps
-    PyTorch's default init (NOT zero as DiT's adaLN-Zero): the official code never re-initialises it."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim)
-        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
-
-    def forward(self, x, c, cos, sin):                      # x: (B, N, D), c: (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-def patchify(x, p):                                         # (B, C, H, W) -> (B, N, C*p*p)
-    """CHANNEL-MAJOR patches, the layout of F.unfold that the official code uses: value index c*p*p + i*p + j
-    (all of the red channel, then green, then blue). Token n = row * w + col."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)               # (B, C, h, p, w, p)
-    x = x.permute(0, 2, 4, 1, 3, 5)                         # (B, h, w, C, p, p): pixel column fastest
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def unpatchify(x, p):                                       # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
-    B, N, _ = x.shape
-    h = math.isqrt(N)
-    x = x.reshape(B, h, h, -1, p, p)                        # (B, h, w, C, p, p)
-    x = x.permute(0, 3, 1, 4, 2, 5)                         # (B, C, h, p, w, p)
-    return x.reshape(B, -1, h * p, h * p)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The neural field head (paper, Method: the point of the paper; official NerfEmbedder, NerfBlock) ----
+# ---- 2. The neural field head: the paper's idea (title-page figure, right, "PixNerd architecture": "replacing
+# ----    the final linear projection with a neural field"; official NerfEmbedder, NerfBlock, NerfFinalLayer) ----
 # ---------------------------------------------------------------------------------------------------------------
 # A neural field is a function of a coordinate: here, inside each p x p patch, an MLP maps a pixel's position
 # (and its noisy value) to that pixel's velocity. Its weights are not learned directly: they are PREDICTED per
@@ -241,23 +86,28 @@ def unpatchify(x, p):                                       # (B, N, C*p*p) -> (
 #                    the magnitude of s.
 #   3. the MLP:      h = h + silu(RMSNorm(h) @ W1) @ W2 (a pre-norm residual MLP, no biases), once per field block.
 #   4. output:       RMSNorm(F) -> Linear(F -> 3), zero-initialised, gives the pixel's velocity.
-# All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches.
+# All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches. For the
+# paper's configs (F=64, M=128) each patch's predicted MLP has 2*64*128 = 16,384 weights, for 768 pixel values.
 NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs): 8 x 8 = 64 coordinate features
 
 
-def dct_features(p, num_freqs=NERF_FREQS):
-    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos).
-    Pixel k = i*p + j (row i, column j) sits at x = j/(p-1), y = i/(p-1) in [0, 1]. Feature a*num_freqs + b is
-    cos(pi * x * f_a) * cos(pi * y * f_b) / (1 + f_a * f_b) with f = linspace(0, 8, 8): note the frequencies
-    are NOT the integers 0..7 of a true DCT (0, 8/7, 16/7, ..., 8, as the official code), and the 1/(1 + fx*fy)
-    weight damps the high frequencies."""
-    pos = torch.linspace(0, 1, p, dtype=torch.float64)                                  # (p,)
-    y, x = torch.meshgrid(pos, pos, indexing="ij")                                      # (p, p): row, column
-    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                                     # (P, 1, 1)
-    f = torch.linspace(0, num_freqs, num_freqs, dtype=torch.float64)                    # (8,)
-    fx, fy = f.view(1, -1, 1), f.view(1, 1, -1)                                         # (1, 8, 1), (1, 1, 8)
-    basis = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)   # (P, 8, 8): fx outer
-    return basis.reshape(p * p, num_freqs * num_freqs).float()                          # (P, 64)
+class NeuralField(nn.Module):
+    """The head that replaces DiT's final linear layer: noisy patch pixels + per-patch condition s -> velocity."""
+
+    def __init__(self, dim, patch, width, hidden, depth):
+        super().__init__()
+        self.register_buffer("dct", dct_features(patch), persistent=False)    # (P, 64)
+        self.embed = nn.Linear(3 + NERF_FREQS ** 2, width)                     # step 1: [RGB, DCT] -> F
+        self.blocks = nn.ModuleList([NerfBlock(dim, width, hidden) for _ in range(depth)])   # steps 2 and 3
+        self.norm = RMSNorm(width)
+        self.linear = nn.Linear(width, 3)                                      # step 4 (zero-init in the model)
+
+    def forward(self, pixels, s):                            # pixels: (B*N, P, 3), s: (B*N, D)
+        dct = self.dct.to(pixels.dtype).expand(pixels.shape[0], -1, -1)     # (B*N, P, 64): same for every patch
+        h = self.embed(torch.cat([pixels, dct], dim=-1))     # (B*N, P, 67) -> (B*N, P, F)
+        for block in self.blocks:
+            h = block(h, s)                                  # (B*N, P, F)
+        return self.linear(self.norm(h))                     # (B*N, P, 3)
 
 
 class NerfBlock(nn.Module):
@@ -282,44 +132,40 @@ class NerfBlock(nn.Module):
         return h + torch.bmm(F.silu(torch.bmm(self.norm(h), w1)), w2)    # (B*N, P, M) -> (B*N, P, F)
 
 
-class NeuralField(nn.Module):
-    """The head that replaces DiT's final linear layer: noisy patch pixels + per-patch condition s -> velocity."""
-
-    def __init__(self, dim, patch, width, hidden, depth):
-        super().__init__()
-        self.register_buffer("dct", dct_features(patch), persistent=False)    # (P, 64)
-        self.embed = nn.Linear(3 + NERF_FREQS ** 2, width)                     # step 1: [RGB, DCT] -> F
-        self.blocks = nn.ModuleList([NerfBlock(dim, width, hidden) for _ in range(depth)])
-        self.norm = RMSNorm(width)
-        self.linear = nn.Linear(width, 3)                                      # step 4 (zero-init in the model)
-
-    def forward(self, pixels, s):                            # pixels: (B*N, P, 3), s: (B*N, D)
-        dct = self.dct.to(pixels.dtype).expand(pixels.shape[0], -1, -1)     # (B*N, P, 64): same for every patch
-        h = self.embed(torch.cat([pixels, dct], dim=-1))     # (B*N, P, 67) -> (B*N, P, F)
-        for block in self.blocks:
-            h = block(h, s)                                  # (B*N, P, F)
-        return self.linear(self.norm(h))                     # (B*N, P, 3)
+def dct_features(p, num_freqs=NERF_FREQS):
+    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos).
+    Pixel k = i*p + j (row i, column j) sits at x = j/(p-1), y = i/(p-1) in [0, 1]. Feature a*num_freqs + b is
+    cos(pi * x * f_a) * cos(pi * y * f_b) / (1 + f_a * f_b) with f = linspace(0, 8, 8): note the frequencies
+    are NOT the integers 0..7 of a true DCT (0, 8/7, 16/7, ..., 8, as the official code), and the 1/(1 + fx*fy)
+    weight damps the high frequencies."""
+    pos = torch.linspace(0, 1, p, dtype=torch.float64)                                  # (p,)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")                                      # (p, p): row, column
+    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                                     # (P, 1, 1)
+    f = torch.linspace(0, num_freqs, num_freqs, dtype=torch.float64)                    # (8,)
+    fx, fy = f.view(1, -1, 1), f.view(1, 1, -1)                                         # (1, 8, 1), (1, 1, 8)
+    basis = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)   # (P, 8, 8): fx outer
+    return basis.reshape(p * p, num_freqs * num_freqs).float()                          # (P, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 4. The model (paper, Method and the architecture figure; official PixNerDiT) ----
+# ---- 3. The model: a DiT whose head is the neural field (title-page figure; official PixNerDiT) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
 class PixNerd(nn.Module):
     """z (B,3,H,W), t (B,), y (B,) -> the predicted velocity v = x - e (B,3,H,W).
-    With return_repa=True (training with REPA) it also returns the projected hidden state of block repa_layer,
-    (B, N, E), which the REPA loss aligns to DINOv2 features."""
+    repa_dim > 0 adds the REPA projector (training with REPA: repa_dim = REPA_DIM); with return_repa=True the
+    forward then also returns the projected hidden state of block repa_layer, (B, N, repa_dim)."""
 
     def __init__(self, config, img_size, num_classes, depth, width, heads, patch, nerf_depth, nerf_width,
-                 nerf_hidden, repa_layer, repa=False):
+                 nerf_hidden, repa_layer, repa_dim=0):
         super().__init__()
         if img_size % patch:
             raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {patch}.")
         if width % heads or (width // heads) % 4:
             raise SystemExit(f"config {config}: width {width} / heads {heads} must give a head_dim divisible by 4.")
         self.config, self.img_size, self.num_classes = config, img_size, num_classes
-        self.patch, self.repa_layer = patch, repa_layer
+        self.patch, self.repa_layer, self.repa_dim = patch, repa_layer, repa_dim
         h = img_size // patch                                              # patch grid side
         self.s_embedder = nn.Linear(3 * patch * patch, width)              # patch embed: no norm, no pos-embed
         self.t_embedder = TimestepEmbedder(width)
@@ -332,9 +178,9 @@ class PixNerd(nn.Module):
         # REPA projector (official REPATrainer.proj): Linear(D,D), SiLU, Linear(D,D), SiLU, Linear(D,E).
         # DIFF: the official code keeps it in the trainer; we make it a submodule of the model when training with
         # REPA, so one optimizer, one state dict and DDP cover it. It is also EMA-averaged (unused, harmless) and
-        # never called at sampling time; without --repa it does not exist (param counts are the paper's).
+        # never called at sampling time; with repa_dim=0 it does not exist (param counts are the paper's).
         self.repa_proj = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                       nn.Linear(width, REPA_DIM)) if repa else None
+                                       nn.Linear(width, repa_dim)) if repa_dim else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -370,43 +216,64 @@ class PixNerd(nn.Module):
         return (v, repa) if return_repa else v
 
 
-def create_model(config, img_size, num_classes, repa=False, **overrides):
-    """The PixNerd of CONFIGS[config]; repa=True adds the REPA projector (training with --repa). `overrides`
-    replace config entries (e.g. depth=2 in the tests)."""
+def create_model(config, img_size, num_classes, repa_dim=0, **overrides):
+    """The PixNerd of CONFIGS[config]; repa_dim=REPA_DIM adds the REPA projector (training with --repa).
+    `overrides` replace config entries (e.g. depth=2 in the tests)."""
+    if "repa" in overrides:  # checkpoints written before repa_dim stored model_kwargs {"repa": True/False}
+        repa_dim = REPA_DIM if overrides.pop("repa") else 0
     if config not in CONFIGS:
         raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
-    return PixNerd(config, img_size, num_classes, repa=repa, **dict(CONFIGS[config], **overrides))
+    return PixNerd(config, img_size, num_classes, repa_dim=repa_dim, **dict(CONFIGS[config], **overrides))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 5. Flow matching and REPA (paper, Method / implementation details; official training_repa.py) ----
+# ---- 4. Flow matching and REPA (official src/diffusion/flow_matching/training_repa.py, REPATrainer) ----
 # ---------------------------------------------------------------------------------------------------------------
 # z = t*x + (1-t)*e and the network predicts v = dz/dt = x - e directly (official LinearScheduler: alpha=t,
-# sigma=1-t, dalpha=1, dsigma=-1). From (z, t) and v:  x = z + (1-t)*v,  e = z - t*v.
-# Conversely v = (x - z)/(1-t), which blows up at the data end t=1; x_to_v clamps (1-t) at T_EPS = 0.05 like JiT.
-# The official code never converts (it only ever needs v); the helpers are here for sample.py and for reading.
-T_EPS = 0.05
+# sigma=1-t, dalpha=1, dsigma=-1); the loss is the plain MSE to v, plus REPA_WEIGHT * the REPA cosine loss.
+# From (z, t) and v the clean image is x = z + (1-t)*v (v_to_x: the sampler's last step, which lands on t=1).
+T_EPS = 0.05                # x_to_v's clamp of 1 - t (as JiT's t_eps): finite at t = 1
 LABEL_DROP = 0.1            # probability of replacing the label by the null class (official null_condition_p)
 REPA_WEIGHT = 0.5           # weight of the REPA cosine loss (official feat_loss_weight)
-
-
-def _bcast(t):              # (B,) -> (B, 1, 1, 1)
-    return t.view(-1, 1, 1, 1)
-
-
-def v_to_x(v, z, t):
-    """x = z + (1-t) * v: exact on the straight path, no clamp needed."""
-    return z + (1 - _bcast(t)) * v
-
-
-def x_to_v(x_pred, z, t):
-    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (capped weight 20)."""
-    return (x_pred - z) / (1 - _bcast(t)).clamp_min(T_EPS)
 
 
 def sample_t(n, device):
     """Logit-normal t = sigmoid(N(0, 1)) (official lognorm_t=True, no time shift at 256px), in fp32."""
     return torch.sigmoid(torch.randn(n, device=device, dtype=torch.float32))
+
+
+def v_to_x(v, z, t):
+    """x = z + (1-t) * v: exact on the straight path z_t = t*x + (1-t)*e, no clamp needed."""
+    return z + (1 - _bcast(t, z)) * v
+
+
+def x_to_v(x_pred, z, t):
+    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (weight capped at 20).
+    PixNerd predicts v, so its loss and sampler never need this direction; it is here as v_to_x's inverse."""
+    return (x_pred - z) / (1 - _bcast(t, z)).clamp_min(T_EPS)
+
+
+def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
+    """Training loss: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns (loss, terms), terms = {"mse", "repa"}
+    as detached 0-dim tensors (no host sync).
+    MSE between the predicted and the true velocity v = x - e (mean over C, H, W and the batch), plus, when an
+    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected block-8 hidden state and the encoder's
+    patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1] images -> (B, N, E) (load_dinov2).
+    With encoder=None this is the plain objective (repa term 0)."""
+    B = x.shape[0]
+    t = sample_t(B, x.device)                                           # (B,), fp32 (an official pitfall: bf16)
+    e = torch.randn_like(x)                                             # (B, 3, H, W), fp32
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                       # noisy image z_t
+    v = x - e                                                           # target velocity dz/dt
+    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
+    if encoder is None:
+        mse, repa = (model(z, t, y).float() - v).pow(2).mean(), torch.zeros((), device=x.device)
+    else:
+        v_pred, h = model(z, t, y, return_repa=True)                    # (B, 3, H, W), (B, N, E)
+        with torch.no_grad():
+            target = encoder((x + 1) / 2)                               # (B, N, E): [0, 1] input, no grad
+        mse, repa = (v_pred.float() - v).pow(2).mean(), repa_loss(h, target)
+    return mse + repa_weight * repa, dict(mse=mse.detach(), repa=repa.detach())
 
 
 def repa_loss(h, target):
@@ -415,29 +282,8 @@ def repa_loss(h, target):
     return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
 
 
-def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
-    """Training loss: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss.
-    MSE between the predicted and the true velocity v = x - e (mean over C, H, W and the batch), plus, when an
-    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected block-8 hidden state and the encoder's
-    patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1] images -> (B, N, E) (load_dinov2)."""
-    B = x.shape[0]
-    t = sample_t(B, x.device)                                           # (B,), fp32 (an official pitfall: bf16)
-    e = torch.randn_like(x)                                             # (B, 3, H, W), fp32
-    z = _bcast(t) * x + (1 - _bcast(t)) * e                             # noisy image z_t
-    v = x - e                                                           # target velocity dz/dt
-    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
-    if encoder is None:
-        return (model(z, t, y).float() - v).pow(2).mean()
-    v_pred, h = model(z, t, y, return_repa=True)                        # (B, 3, H, W), (B, N, E)
-    with torch.no_grad():
-        target = encoder((x + 1) / 2)                                   # (B, N, E): [0, 1] input, no grad
-    return (v_pred.float() - v).pow(2).mean() + repa_weight * repa_loss(h, target)
-
-
 # ---- REPA's frozen target: DINOv2 ViT-B/14 (official src/models/encoder.py) ----
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # timm IMAGENET_DEFAULT_MEAN/STD
-
-
 def load_dinov2(device, patch, path=None):
     """The frozen REPA target as a plain callable: clean images in [0, 1] (B,3,H,W) -> DINOv2 ViT-B/14 patch
     tokens (B, N, E), the x_norm_patchtokens of the official wrapper (src/models/encoder.py), which also feeds
@@ -478,7 +324,7 @@ def load_dinov2(device, patch, path=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 6. Sampler (paper, implementation details; official flow_matching/sampling.py EulerSampler) ----
+# ---- 5. Sampler (official src/diffusion/flow_matching/sampling.py, EulerSampler; config diffusion_sampler) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -488,37 +334,42 @@ def sampler_defaults(config, img_size):
     return dict(steps=100, cfg=3.5, interval=(0.1, 1.0), solver="euler")
 
 
+def time_grid(steps):
+    """The official sampling grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
+    0.99, 1 for 100 steps): uniform steps of 1/steps. A Python list, so the CFG-interval test is decided on the
+    host, never a GPU sync."""
+    return torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]).tolist()
+
+
+def in_cfg_interval(t, interval):
+    """The official guidance test, in float32 as the official tensor comparison: lo < t < hi."""
+    t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
+    return bool(lo < t < hi)            # pixeldit, pixnerd: lo < t < hi;  deco: lo < t <= hi;  jit: t < hi and (lo == 0 or t > lo)
+
+
 @torch.no_grad()
 def velocity(model, z, t, y, cfg, interval):
-    """v(z, t) with classifier-free guidance on the velocity: v_u + w * (v_c - v_u), applied only when
-    interval[0] < t < interval[1] (strict, as the official code). t is a python float (the same for the batch);
-    the test is done in float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
-    Inside the interval cond and uncond run as ONE batched forward (2B).
+    """v(z, t) for all B images at time t (a python float), with classifier-free guidance v_u + cfg * (v_c - v_u)
+    inside the CFG interval (in_cfg_interval); there cond and uncond run as ONE batched forward of 2B.
     DIFF: the official sampler always runs both halves and uses a scale of 1 outside the interval; we skip the
     unconditional half there: the same result, and with Euler-100 and interval (0.1, 1) 189 instead of 200
     network evaluations per image (11 of the 100 steps are unguided): 5.5% fewer."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
-    t32 = torch.tensor(t, dtype=torch.float32)                                 # CPU scalar: no GPU sync
-    if cfg != 1.0 and bool((t32 > interval[0]) & (t32 < interval[1])):
-        null = torch.full_like(y, model.num_classes)
-        v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
-        return v_u + cfg * (v_c - v_u)
-    return model(z, tt, y).float()
-
-
-def time_grid(steps):
-    """The official Euler grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
-    0.99, 1 for 100 steps). It is the uniform grid linspace(0, 1, steps+1), written as the official code builds it."""
-    return torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]).tolist()
+    if cfg == 1.0 or not in_cfg_interval(t, interval):
+        return model(z, tt, y).float()
+    null = torch.full_like(y, model.num_classes)                            # the null class row (CFG)
+    v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+    return v_u + cfg * (v_c - v_u)                                          # (B, 3, H, W)
 
 
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
-    """Integrate dz/dt = v from t=0 (noise) to t=1 (data). Euler (the paper's) or Heun (2nd order; its last
-    step is Euler, as the official HeunSampler). Returns images (B,3,H,W) clamped to [-1, 1] (the official
-    sampler returns raw values and clamps when converting to uint8: the same PNGs). None arguments take the
-    paper's defaults (sampler_defaults). `noise` (B,3,H,W) overrides the starting noise.
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on time_grid(steps): Euler (the paper's) or Heun
+    (2nd order; its last step is Euler, as the official HeunSampler). None arguments take the paper's defaults
+    (sampler_defaults); `noise` (B,3,H,W) overrides the starting noise.
+    Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and clamps when
+    converting to uint8: the same PNGs).
     DIFF: the official HeunSampler (unused in their configs) by default reuses the corrector's velocity as the
     next step's predictor and guides at every t; our Heun is the textbook one (2 evaluations per step) with the
     same CFG interval as Euler."""
@@ -535,22 +386,174 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     B, H = y.shape[0], model.img_size
     if noise is None:
         noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
-    z = noise.to(dev, torch.float32)                          # z_0 = e ~ N(0, I)
+    z = noise.to(dev, torch.float32)                          # z_0 = e ~ N(0, I), (B, 3, H, W)
     ts = time_grid(steps)
     with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
             t, t_next = ts[i], ts[i + 1]
-            v = velocity(model, z, t, y, cfg, interval)
-            if solver == "heun" and i < steps - 1:
+            v = velocity(model, z, t, y, cfg, interval)       # (B, 3, H, W), fp32
+            if i == steps - 1:                                 # the last step lands on t=1: z_1 = z_t + (1-t) v
+                z = v_to_x(v, z, torch.full((B,), t, device=dev))   # (Euler, for both solvers)
+            elif solver == "heun":
                 v_next = velocity(model, z + (t_next - t) * v, t_next, y, cfg, interval)
                 z = z + (t_next - t) * 0.5 * (v + v_next)
-            else:                                              # Euler step (solver="euler", or the last step)
+            else:
                 z = z + (t_next - t) * v
     return z.clamp(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 7. Data (ADM center crop, no flip: official PixImageNet) ----
+# ---- 6. Standard DiT parts (a DiT with LLaMA-style parts; official src/models/transformer/pixnerd_c2i.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+# The same text in pixeldit.py, pixnerd.py and deco.py (RMSNorm, modulate, TimestepEmbedder, rope_2d, apply_rope,
+# Attention, SwiGLU, _bcast), with a DIFF: line where an official code differs.
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain (eps 1e-6), computed in fp32 whatever the autocast dtype; returns the input
+    dtype.
+    DIFF: the official RMSNorm multiplies its fp32 gain into the result after casting back, so under bf16 autocast
+    it returns fp32 (and the adaLN modulation then runs in fp32); we return the input dtype, so it runs in bf16:
+    a rounding-level difference."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):                  # x: (B, N, D), shift/scale: (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): 256 sinusoids of the RAW t (not t*1000 as in DiT), ordered [cos | sin], then an MLP
+    256 -> D -> D. max_period is the official code's (10 for PixNerd, PixelDiT and DeCo; 10000 for JiT)."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                           # (B,)
+        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
+
+
+def rope_2d(head_dim, h, theta=10_000.0, scale=16.0):
+    """2D rotary embedding of the official precompute_freqs_cis_2d, as real tables cos, sin of shape (h*h, head_dim).
+    Positions: linspace(0, 16, h) along each axis (NOT the integer grid), so the grid spans [0, 16] at any
+    resolution (at 512px the same range is sampled twice as densely). Frequencies theta^(-4k/head_dim),
+    k < head_dim/4, shared by both axes. Channel pairs (2i, 2i+1) rotate together and alternate axes: pair 2k
+    (channels 4k, 4k+1) turns with the column x, pair 2k+1 (channels 4k+2, 4k+3) with the row y."""
+    freqs = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)  # (head_dim/4,)
+    pos = torch.linspace(0, scale, h, dtype=torch.float64)                           # (h,)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")                               # (h, h); token = row*h + col
+    angle = torch.stack([col.reshape(-1, 1) * freqs, row.reshape(-1, 1) * freqs], -1)  # (N, head_dim/4, 2): x, y
+    angle = angle.flatten(1).repeat_interleave(2, dim=-1)                            # (N, head_dim): one per channel
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, heads, N, d). Rotates each adjacent channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the
+    official complex product (x0 + i x1) * e^(i angle), in real arithmetic (torch.compile-friendly). Returns fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, N, d/2) each
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, N, d): "rotate_half", interleaved
+    return x.float() * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, q/k RMSNorm per head, then 2D RoPE, proj with bias (official)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):                                            # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        # Speed: F.scaled_dot_product_attention runs flash attention on CUDA in bf16 (fp32 softmax accumulator):
+        # the (N, N) score matrix is never stored, so memory is O(N). apply_rope returns q, k in fp32;
+        # .to(v.dtype) brings them back to bf16, since the flash kernel needs q, k, v of one dtype.
+        x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases, hidden = int(2 * 4D / 3) (LLaMA; the official FeedForward, same keys)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)                # 2048 for D=768, 2730 for D=1024, 3072 for D=1152
+        self.w1 = nn.Linear(dim, hidden, bias=False)   # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)   # value
+        self.w2 = nn.Linear(hidden, dim, bias=False)   # out
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Old pixnerd.py checkpoints fused w1 and w3 into one Linear "w13" (D -> 2*hidden, rows [w1; w3]): split it
+        # back into the official keys, so those checkpoints still load (and give the same outputs; tested).
+        w13 = state_dict.pop(prefix + "w13.weight", None)
+        if w13 is not None:
+            state_dict[prefix + "w1.weight"], state_dict[prefix + "w3.weight"] = w13.chunk(2, dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B, 1, 1, 1) for images
+    return t.view(-1, *[1] * (z.dim() - 1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-RMSNorm block with adaLN (DiT): c -> (shift, scale, gate) for attention and for the MLP, gated
+    residuals. c = silu(t_emb + y_emb) already carries the SiLU, so adaLN is a bare Linear(D -> 6D); it keeps
+    PyTorch's default init (NOT zero as DiT's adaLN-Zero): the official code never re-initialises it."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim)
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, cos, sin):                      # x: (B, N, D), c: (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x                                            # (B, N, D)
+
+
+def patchify(x, p):                                         # (B, C, H, W) -> (B, N, C*p*p)
+    """CHANNEL-MAJOR patches, the layout of F.unfold that the official code uses: value index c*p*p + i*p + j
+    (all of the red channel, then green, then blue). Token n = row * w + col."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)               # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                         # (B, h, w, C, p, p): pixel column fastest
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p):                                       # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
+    B, N, _ = x.shape
+    h = math.isqrt(N)
+    x = x.reshape(B, h, h, -1, p, p)                        # (B, h, w, C, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)                         # (B, C, h, p, w, p)
+    return x.reshape(B, -1, h * p, h * p)                   # (B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 7. Data (ADM center crop, no flip: official src/data/dataset/imagenet.py, PixImageNet; `shapes`: appendix) ----
 # ---------------------------------------------------------------------------------------------------------------
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
@@ -562,14 +565,13 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion; official center_crop_fn): halve with a box filter while the short side
-    is >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3)
-    uint8. (An early official version took the center 256px without resizing: a pitfall we avoid.)"""
+    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
+    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
     img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
+    arr = np.asarray(img)  # (an early official center_crop_fn took the center without resizing: a pitfall we avoid)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top: top + size, left: left + size]
 
@@ -584,11 +586,11 @@ class ImageFolder(torch.utils.data.Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
         if not self.files:
             raise SystemExit(f"no images (png/jpg/jpeg/webp) found under {root}: check the --data path.")
-        top = [p.relative_to(self.root).parts for p in self.files]
-        if class_cond and all(len(parts) > 1 for parts in top):
-            self.classes = sorted({parts[0] for parts in top})
+        parts = [p.relative_to(self.root).parts for p in self.files]
+        if class_cond and all(len(q) > 1 for q in parts):
+            self.classes = sorted({q[0] for q in parts})
             index = {c: i for i, c in enumerate(self.classes)}
-            self.labels = [index[parts[0]] for parts in top]
+            self.labels = [index[q[0]] for q in parts]
         else:
             self.classes, self.labels = ["all"], [0] * len(self.files)
         self.bad = 0    # unreadable files met by this process (each DataLoader worker counts its own)
@@ -610,6 +612,460 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
+def make_dataset(args):
+    """`--data`: "shapes" (built in, appendix), a folder of images, or NAME for the folder data/NAME."""
+    if args.data == "shapes":
+        return Shapes(args.img_size)
+    for folder in (Path(args.data), Path("data", args.data)):
+        if folder.is_dir():
+            return ImageFolder(folder, args.img_size, class_cond=not args.unconditional)
+    if args.data in DATA_HELP:
+        raise SystemExit(f"--data {args.data}: data/{args.data} not found. To get it: {DATA_HELP[args.data]}.")
+    raise SystemExit(f"--data {args.data}: no such folder (nor data/{args.data}). Pass a folder of images or 'shapes'.")
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
+    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def make_batches(dataset, args, rank, world, device, data_state):
+    """Endless (x, y) batches on the device: uint8 (B/world, 3, H, W) images and (B/world,) labels, decoded by
+    worker processes into pinned memory and copied asynchronously. data_state = {"epoch", "pos"} counts the
+    batches consumed; it is saved in checkpoints, so a resumed run continues at the next batch."""
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # its own RNG: a new epoch must not draw from the
+    while True:                                               # global one, or a resumed run would diverge
+        sampler.set_epoch(data_state["epoch"])
+        sampler.skip = data_state["pos"] * loader.batch_size
+        for x, y in loader:
+            data_state["pos"] += 1
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+def default_workers():
+    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
+    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
+    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 8. Training (official src/lightning_model.py, src/callbacks/simple_ema.py; the configs' optimizer) ----
+# ---------------------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
+    DIFF: the official SimpleEMA uses a fixed decay 0.9999 from step 0; we use the warmup
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
+    For the official 800k-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999
+    would still be mostly the random init, and the sample grids would show noise.
+    warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run)."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.decay, self.warmup = decay, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.src = list(model.parameters())
+        self.dst = list(self.model.parameters())
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
+
+
+def unwrap(model):
+    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def lr_at(step, args):
+    """The lr of step k: constant (official: AdamW at lr 1e-4, no schedule, no warmup)."""
+    return args.lr
+
+
+def model_kwargs(args):
+    """The create_model arguments of this run beyond (config, img_size, num_classes); saved in checkpoints, so
+    sample.py rebuilds the same model."""
+    return dict(repa_dim=REPA_DIM if args.repa else 0)     # the REPA projector exists only under --repa
+
+
+def build(args, num_classes, device):
+    """The plain model (with the REPA projector under --repa), its EMA and the optimizer: what main() trains and
+    bench.py times. The frozen REPA encoder is not part of it: main() loads it (repa_encoder) for train_step."""
+    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
+    ema = EMA(raw, args.ema)
+    # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no grad clipping.
+    # fused=True: one kernel for all parameters on CUDA.
+    opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), weight_decay=0.0, fused=device.type == "cuda")
+    opt.register_load_state_dict_pre_hook(lambda opt, state_dict: split_w13_adam_state(state_dict, raw))
+    return raw, ema, opt
+
+
+def split_w13_adam_state(state_dict, model):
+    """The optimizer state of a run saved while SwiGLU fused w1 and w3 into one "w13" (see SwiGLU's
+    _load_from_state_dict): each w13 moment (2*hidden, D) is split into w1's and w3's, so --resume continues such a
+    run. A state dict of today's layout is returned as it is."""
+    names = [name for name, _ in model.named_parameters()]
+    old = [n.replace("w1.weight", "w13.weight") for n in names if not n.endswith("mlp.w3.weight")]
+    (group,) = state_dict["param_groups"]                   # build() makes one group
+    if len(old) == len(names) or len(group["params"]) != len(old):
+        return state_dict
+    index, state = {name: i for i, name in enumerate(names)}, {}
+    for name, i in zip(old, group["params"]):
+        if i not in state_dict["state"]:
+            continue
+        if name.endswith("w13.weight"):                     # rows [w1; w3]; the 0-dim "step" goes to both
+            halves = {k: v.chunk(2) if v.dim() else (v, v.clone()) for k, v in state_dict["state"][i].items()}
+            for j, part in enumerate(("w1.weight", "w3.weight")):
+                state[index[name.replace("w13.weight", part)]] = {k: h[j] for k, h in halves.items()}
+        else:
+            state[index[name]] = state_dict["state"][i]
+    return dict(state=state, param_groups=[dict(group, params=list(range(len(names))))])
+
+
+def compile_and_wrap(raw, args, device, ddp=False):
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
+    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
+    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, ema, opt, x, y, step, args, encoder=None):
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B, 3, H, W) on the device.
+    encoder: the frozen REPA target (load_dinov2) with --repa, else None. Returns the loss terms as 0-dim
+    tensors, {"loss", "mse", "repa"}, without reading them (no host sync)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
+    if args.flip:                                                         # off by default: the paper has no flip
+        x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    raw = unwrap(model)
+    try:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official bf16-mixed.
+            loss, terms = flow_loss(model, x, y, raw.num_classes, encoder, args.repa_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {x.shape[0]} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.") from None
+    opt.step()
+    ema.update(step)
+    return dict(loss=loss.detach(), **terms)
+
+
+class LossLog:
+    """The loss terms of the last steps, summed on the device and read every --log-every steps: the only host sync
+    (a .item() per step would make the CPU wait for the GPU while the next step could be queued). Each reading is
+    a line of RUN/log.jsonl; a non-finite loss stops the run before anything is saved."""
+
+    def __init__(self, path, args, world, rank):
+        self.path, self.args, self.world, self.rank = path, args, world, rank
+        self.sums, self.n, self.t0 = {}, 0, time.time()
+
+    def add(self, terms):                                   # terms: train_step's dict of 0-dim tensors
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
+        self.n += 1
+
+    def write(self, step, bar):
+        sums = torch.stack(list(self.sums.values()))        # (terms,)
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        means = dict(zip(self.sums, (sums / self.n).tolist()))
+        if not all(map(math.isfinite, means.values())):
+            raise SystemExit(f"loss is {means['loss']} at step {step}: training diverged. {self.path.parent}/ckpt.pt "
+                             "holds the last good checkpoint; resume from it with a lower --lr (or --precision fp32).")
+        rate = self.n * self.args.batch_size / (time.time() - self.t0)
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(step=step, **means, lr=lr_at(step, self.args), img_per_s=rate)) + "\n")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | dict(img_s=f"{rate:.0f}"))
+        self.sums, self.n, self.t0 = {}, 0, time.time()
+
+
+def save_grid(images, path, nrow):
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5)."""
+    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, H, W, _ = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+# ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank):
+    """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
+    then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
+                        model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
+                        opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
+        os.replace(tmp, path)
+
+
+def find_checkpoint(path):
+    """--resume takes a run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently ignored
+    there and training restarted from scratch)."""
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
+    from disk only when used (get_args reads just the settings)."""
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
+    made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if made_by != SCRIPT:
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def restore(args, raw, ema, opt, num_classes, rank):
+    """Step 0 for a new run. On --resume every piece of state comes back: weights, EMA, Adam moments, the step,
+    this rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it)."""
+    if args.resume is None:
+        return 0, {"epoch": 0, "pos": 0}
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["num_classes"] != num_classes:
+        raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data {num_classes}; "
+                         "resume with the data it was trained on.")
+    raw.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"], dict(ckpt["data"])
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain `python jit.py`:
+    one process on --device. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 9. Command line and main ----
+# ---------------------------------------------------------------------------------------------------------------
+# What `--data NAME` means: the training defaults we use for it (any flag overrides them). The paper trains with a
+# constant lr 1e-4 at (inferred) global batch 256, no warmup, no scaling. A folder that is not one of these names gets
+# FOLDER_DEFAULTS. REPA is on for imagenet (the paper's setting; it needs DINOv2, see --repa) and off elsewhere.
+# DIFF: for the built-in shapes demo we use lr 2e-4 so a 10k-step run moves visibly; ffhq128 and imagenet keep the
+# paper's 1e-4.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="PixNerd-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="PixNerd-B/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    "imagenet": dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=800_000, lr=1e-4,
+                     sample_every=10_000, ckpt_every=10_000, repa=True),  # official max_steps 800k
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
+MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
+SAME_RUN = ("config", "img_size", "repa")  # a resumed run cannot change these
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args(argv=None):
+    """The run's settings. Each value comes from the command line, else the resumed checkpoint, else the --data
+    preset (DATA_PRESETS), else the defaults below: `--resume RUN` alone continues RUN exactly as it was."""
+    p = argparse.ArgumentParser(description="Train PixNerd (Wang et al., arXiv 2507.23268).", formatter_class=Help)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="shapes", help="'shapes' (built in), a folder of images, or NAME for data/NAME")
+    g.add_argument("--img-size", type=int, default=64, help="image side in pixels")
+    g.add_argument("--config", default="PixNerd-S/8", help=f"model config: {', '.join(CONFIGS)}")
+    g.add_argument("--unconditional", action=argparse.BooleanOptionalAction, default=False,
+                   help="ignore class subfolders, train one class (FFHQ's folders are not classes)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="random horizontal flip (the paper uses none)")
+    g = p.add_argument_group("objective: REPA, alignment of block repa_layer (8 for the paper configs) to DINOv2")
+    g.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA loss against frozen DINOv2 ViT-B/14 features (on in the imagenet preset)")
+    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper: 0.5)")
+    g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (default: GitHub)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the GPUs")
+    g.add_argument("--steps", type=int, default=10_000, help="total optimisation steps")
+    g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (paper: 1e-4)")
+    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (paper: 0.9999), reached after a warmup")
+    g = p.add_argument_group("run folder, logging, sampling")
+    g.add_argument("--out", help="run folder (default: runs/pixnerd-DATA; with --resume, the resumed run's)")
+    g.add_argument("--resume", nargs="?", const="", help="continue a run: its folder or ckpt file (alone: --out)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.5)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
+    g = p.add_argument_group("system")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    g.add_argument("--num-workers", type=int, default=default_workers(), help="data loader processes per GPU")
+    g.add_argument("--seed", type=int, default=0, help="global seed")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    return resolve_args(p, argv)
+
+
+def resolve_args(p, argv):
+    """Parse argv with p's defaults overridden, in this order, by the --data preset, then the resumed checkpoint's
+    settings (flags still win). Then the derived values: the checkpoint path, the run folder, and compile + bf16
+    by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
+    first, saved = known(), {}
+    if first.resume is not None:
+        first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
+        saved = {k: v for k, v in load_checkpoint(first.resume)["args"].items() if k in vars(first)}
+        saved = {k: v for k, v in saved.items() if k not in MACHINE}
+        p.set_defaults(**saved)                                  # so that the preset is the run's --data's
+    p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
+    args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    for key in SAME_RUN:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+    args.resume = first.resume
+    args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
+
+
+def repa_encoder(args, device, world):
+    """The frozen REPA target (load_dinov2) with --repa, else None; under torchrun one process per machine fills
+    the torch.hub cache before the others read it."""
+    if not args.repa:
+        return None
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not first:
+        dist.barrier()
+    encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
+    if world > 1 and first:
+        dist.barrier()
+    return encoder
+
+
+def main(argv=None, encoder=None):
+    """Train. `encoder` replaces DINOv2 as the REPA target under --repa (a callable as load_dinov2's): tests."""
+    args = get_args(argv)
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
+    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+
+    # Setup processes and devices: one process per GPU under torchrun, else one process on --device.
+    rank, world, device = setup_distributed(args)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # for what still runs in fp32
+
+    # REPA's frozen encoder first, so a missing DINOv2 stops the run at start, before any data is read.
+    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None
+
+    # Setup data: the class count comes from it (1 for FFHQ or a flat folder, 1000 for ImageNet).
+    dataset = make_dataset(args)
+    num_classes = len(dataset.classes)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
+
+    # Setup model, EMA, optimizer, and on --resume all of their state.
+    raw, ema, opt = build(args, num_classes, device)
+    step, data_state = restore(args, raw, ema, opt, num_classes, rank)
+    model = compile_and_wrap(raw, args, device, ddp=world > 1)
+    batches = make_batches(dataset, args, rank, world, device, data_state)
+    run = Path(args.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        print(f"{args.config} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, patch {raw.patch}, "
+              f"REPA {args.repa}) on {len(dataset)} images, {num_classes} classes, {world} x {device.type}, "
+              f"batch {args.batch_size}, lr {args.lr:.2e}, {args.precision}, compile={args.compile} -> {run}")
+    gen = torch.Generator().manual_seed(1234)           # fixed grid noise and labels: successive grids compare
+    grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
+
+    # Training loop.
+    log = LossLog(run / "log.jsonl", args, world, rank)
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
+    while step < args.steps:
+        x, y = next(batches)                            # (B/world, 3, H, W) uint8, (B/world,) long, on the device
+        step += 1
+        log.add(train_step(model, ema, opt, x, y, step, args, encoder))
+        bar.update(1)
+        save = step % args.ckpt_every == 0 or step == args.steps
+        if step % args.log_every == 0 or save:
+            log.write(step, bar)                        # before any save: a NaN run stops, never checkpointed
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
+            images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+            save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+        if save:
+            save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix. Built-in data: `--data shapes` ----
+# ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python pixnerd.py` runs with no download: one coloured shape (the class) on a
     two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
@@ -665,411 +1121,6 @@ class Shapes(torch.utils.data.Dataset):
                 draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
         img = img.resize((self.size, self.size), resample=Image.LANCZOS)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
-
-
-def resolve_data(name):
-    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
-    if name == "shapes":
-        return "shapes", None
-    if Path(name).is_dir():
-        return "folder", Path(name)
-    if Path("data", name).is_dir():
-        return "folder", Path("data", name)
-    if name in DATA_HELP:
-        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
-    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
-
-
-def make_dataset(args):
-    kind, path = resolve_data(args.data)
-    if kind == "shapes":
-        return Shapes(args.img_size)
-    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
-    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def batches(loader, data_state):
-    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
-    while True:
-        loader.sampler.set_epoch(data_state["epoch"])
-        loader.sampler.skip = data_state["pos"] * loader.batch_size
-        for batch in loader:
-            data_state["pos"] += 1
-            yield batch
-        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Training (paper, implementation details; official lightning_model.py, simple_ema.py) ----
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
-    DIFF: the official SimpleEMA uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
-    For the paper's 800k-step runs this is the paper's 0.9999 after ~90k steps;
-    for a user's 10k-step run a fixed 0.9999 would still be mostly the random
-    init, and the sample grids would show noise."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.src = [p for p in model.parameters()]
-        self.dst = [p for p in self.model.parameters()]
-
-    @torch.no_grad()
-    def update(self, step):
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
-
-
-def unwrap(model):
-    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def build(args, num_classes, device):
-    """The plain model (with the REPA projector under --repa), its EMA and the optimizer: what main() trains and
-    bench.py times. The frozen REPA encoder is not part of it: main() loads it and hands it to train_step."""
-    raw = create_model(args.config, args.img_size, num_classes, repa=args.repa).to(device)
-    ema = EMA(raw, args.ema)
-    # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no lr schedule, no grad
-    # clipping. fused=True: one kernel for all parameters on CUDA.
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    return raw, ema, opt
-
-
-def compile_and_wrap(raw, args, device, ddp=False):
-    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
-    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
-    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    return torch.compile(model) if args.compile else model
-
-
-def train_step(model, ema, opt, x, y, step, args, encoder=None):
-    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
-    encoder: the frozen REPA target (load_dinov2) with --repa, else None. Returns the loss as a 0-dim tensor
-    without reading it (no host sync). The lr is constant (no schedule, no warmup)."""
-    x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
-    if args.flip:                                                         # off by default: the paper has no flip
-        x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-    raw = unwrap(model)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official bf16-mixed.
-        loss = flow_loss(model, x, y, raw.num_classes, encoder, args.repa_weight)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    ema.update(step)
-    return loss.detach()
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def find_checkpoint(path):
-    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
-    return path
-
-
-def load_checkpoint(path):
-    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
-                         f"resume it with {made_by}.py or start a new run with another --out.")
-    return ckpt
-
-
-def save_grid(images, path, nrow):
-    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap; uint8 = clip((x+1)*127.5 + 0.5) (official)."""
-    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    n, H, W, _ = imgs.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
-    Image.fromarray(grid).save(path)
-
-
-def default_workers():
-    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Speed: decoding and ADM-cropping
-    one ImageNet JPEG takes ~3.7 ms on one core (README, "Data"), so ~270 img/s per worker: JiT-B/16's 2,400 img/s
-    target on one GPU needs 9 or more of them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
-
-def get_args(argv=None, ckpt=None):
-    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
-    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
-    p = argparse.ArgumentParser(description="Train PixNerd (Wang et al., arXiv 2507.23268).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # -- data and model
-    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
-    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
-    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
-    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
-                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flip (default off: the paper uses none)")
-    # -- REPA (representation alignment of block `repa_layer` (8 for the paper configs) to DINOv2)
-    p.add_argument("--repa", action=argparse.BooleanOptionalAction,
-                   help="REPA loss against frozen DINOv2 ViT-B/14 features (default: on for imagenet)")
-    p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
-    p.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (default: GitHub)")
-    # -- optimisation
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs")
-    p.add_argument("--steps", type=int, help="total optimisation steps")
-    p.add_argument("--lr", type=float, help="constant learning rate (paper: 1e-4)")
-    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
-    # -- run folder, logging, sampling
-    p.add_argument("--out", help="run folder (default runs/pixnerd-DATA)")
-    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
-    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
-    p.add_argument("--cfg", type=float, help="CFG scale for the grids (paper: 3.5)")
-    p.add_argument("--sample-steps", type=int, help="Euler steps for the grids (paper: 100)")
-    # -- system
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--num-workers", type=int, help="data loader processes per GPU (default: cores per GPU - 1)")
-    p.add_argument("--seed", type=int, help="global seed")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
-    args = p.parse_args(argv)
-
-    saved = ckpt["args"] if ckpt else {}
-    data = args.data or saved.get("data") or "shapes"
-    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
-    defaults = dict(data="shapes", img_size=256, config="PixNerd-L/16", unconditional=False, flip=False,
-                    repa=False, repa_weight=REPA_WEIGHT, dinov2_path=None, batch_size=256, steps=100_000,
-                    lr=1e-4, ema=0.9999, out=None, ckpt_every=5000, sample_every=5000, log_every=50, cfg=None,
-                    sample_steps=None, compile=None, precision=None, num_workers=default_workers(),
-                    seed=0, device=None)
-    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
-    for key, default in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
-    if args.resume and not args.out:                                    # resume writes where the checkpoint is
-        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
-    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    return args
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python pixnerd.py`: one
-    process on --device. Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and args.device != "cpu":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def check_compatible(args, ckpt):
-    """A checkpoint continues only the run it came from: same script (checked on load), config, size, REPA."""
-    for key in ("config", "img_size", "repa"):
-        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
-            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
-                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 9. main ----
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def main(argv=None, encoder=None):
-    """Train. `encoder` replaces DINOv2 as the REPA target under --repa (a callable as load_dinov2's): tests."""
-    # -- The run's settings. A resumed run re-reads its own settings from the checkpoint (flags given now win).
-    args = get_args(argv)
-    ckpt = None
-    if args.resume is not None:
-        ckpt_path = find_checkpoint(args.resume or args.out)
-        ckpt = load_checkpoint(ckpt_path)
-        args = get_args(argv, ckpt)
-        check_compatible(args, ckpt)
-    elif (Path(args.out) / "ckpt.pt").exists():
-        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
-    if args.config not in CONFIGS:
-        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
-    if args.img_size % CONFIGS[args.config]["patch"]:
-        raise SystemExit(f"--img-size {args.img_size} is not a multiple of the patch size of {args.config}.")
-
-    # -- Processes and devices: one process per GPU under torchrun, else one process on --device.
-    rank, world, device = setup_distributed(args)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
-                         "use a multiple.")
-    torch.manual_seed(args.seed + rank)                         # ranks draw different t, noise and label drops
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
-    torch.backends.cudnn.allow_tf32 = True
-    # -- REPA's frozen encoder first, so a missing DINOv2 stops the run at start, before any data is read.
-    if args.repa and encoder is None:
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0       # one process per machine fills the hub cache
-        if world > 1 and not first:
-            dist.barrier()
-        encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
-        if world > 1 and first:
-            dist.barrier()
-    encoder = encoder if args.repa else None
-
-    # -- Data: the class count comes from the data (1 for a flat folder or FFHQ, 1000 for ImageNet).
-    dataset = make_dataset(args)
-    num_classes = len(dataset.classes)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    # -- Model, EMA, optimizer; on resume every piece of state comes back: weights, EMA, Adam moments, step,
-    #    every rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it).
-    raw, ema, opt = build(args, num_classes, device)
-    step, data_state = 0, {"epoch": 0, "pos": 0}
-    if ckpt:
-        if ckpt["num_classes"] != num_classes:
-            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
-                             f"{num_classes}; resume with the data it was trained on.")
-        raw.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:                          # the state dict brings back the old lr: use --lr
-            group["lr"] = args.lr
-        step, data_state = ckpt["step"], dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        del ckpt
-    model = compile_and_wrap(raw, args, device, ddp=world > 1)
-
-    # -- Loader: uint8 images from worker processes into pinned memory, copied asynchronously (non_blocking) to
-    #    the GPU, where train_step normalises them. persistent_workers keeps the workers alive across epochs.
-    local_batch = args.batch_size // world
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
-                                                              # one, or a resumed run would diverge from the original
-    data = batches(loader, data_state)
-
-    run = Path(args.out)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.config} ({n_params / 1e6:.1f}M params, patch {raw.patch}, REPA {args.repa}) on {len(dataset)} "
-              f"images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, lr {args.lr:.2e}, "
-              f"{args.precision}, compile={args.compile} -> {run}")
-    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
-    gen = torch.Generator().manual_seed(1234)
-    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
-    grid_y = torch.arange(64) % num_classes
-
-    def log_and_check(loss_sum, n, t0):
-        """The only host sync: read the mean loss of the last n steps, stop on NaN/inf, write log.jsonl."""
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        loss = loss_sum.item() / n
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
-                             "checkpoint; resume from it with a lower --lr (or --precision fp32).")
-        rate = n * args.batch_size / (time.time() - t0)
-        if rank == 0:
-            with open(run / "log.jsonl", "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, lr=args.lr, img_per_s=rate)) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{args.lr:.1e}")
-
-    # -- The loop. The loss stays on the GPU (loss_sum) and is read every --log-every steps only: a .item() per
-    #    step would make the CPU wait for the GPU and leave it idle while the next step is queued.
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
-    loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
-    try:
-        while step < args.steps:
-            x, y = next(data)                                     # (B/world, 3, H, W) uint8, (B/world,) long
-            step += 1
-            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
-                                   y.to(device, non_blocking=True), step, args, encoder)
-            n += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-                log_and_check(loss_sum, n, t0)                     # before any save: never checkpoint a NaN
-                loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
-            if step % args.sample_every == 0 or step == args.steps:   # EMA weights, the paper's sampler
-                if rank == 0:
-                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
-                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                rngs = [None] * world
-                if world > 1:
-                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
-                else:
-                    rngs = [rng_state()]
-                if rank == 0:                                     # the checkpoint layout all 4 scripts share
-                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
-                                     num_classes=num_classes, model_kwargs=dict(repa=args.repa),
-                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)),
-                                run / "ckpt.pt")
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
-                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
-    bar.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return run
 
 
 if __name__ == "__main__":

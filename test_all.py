@@ -1136,7 +1136,7 @@ def test_pixnerd_every_config_forward_backward_and_zero_output_at_init(name):
     smallest image holding 2x2 patches, so even XL runs on a CPU in about a second."""
     p = pixnerd.CONFIGS[name]["patch"]
     torch.manual_seed(0)
-    model = pixnerd.create_model(name, 2 * p, 10, repa=True, depth=1, nerf_depth=1, repa_layer=1)
+    model = pixnerd.create_model(name, 2 * p, 10, repa_dim=pixnerd.REPA_DIM, depth=1, nerf_depth=1, repa_layer=1)
     z, t, y = torch.randn(2, 3, 2 * p, 2 * p), torch.rand(2), torch.tensor([3, 10])
     out = model(z, t, y)
     assert out.shape == z.shape
@@ -1165,14 +1165,21 @@ def test_pixnerd_param_counts_match_paper(name, paper_m):
 def test_pixnerd_forward_matches_the_official_pixnerdit():
     """Golden values from the official PixNerDiT (MCG-NJU/PixNerd, pixnerd_c2i.py: hidden 64, 2 groups, 2 + 2
     blocks, hidden_size_x 16, nerf_mlpratio 2, patch 8, 10 classes) run outside this repo with exactly these
-    weights (its w1, w3 = our w13 split in two); our forward agreed to 6e-6. The weights are a seeded draw in our
-    named_parameters() order, so reordering the modules' creation changes them (and this test)."""
+    weights; our forward agreed to 6e-6. The weights are a seeded draw in named_parameters() order of the model
+    as it was then, with SwiGLU's w1 and w3 fused into one "w13" (rows [w1; w3]): so this state dict also checks
+    that old w13 checkpoints load (SwiGLU._load_from_state_dict) and give the official outputs."""
     model = pixnerd.create_model("tiny", 32, 10)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = 1.0 if name.endswith("norm.weight") or "norm1" in name or "norm2" in name else 0.0
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + gain)
+    old = {}
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.w3.weight"):
+            continue                                               # drawn with w1, as the fused w13
+        shape = p.shape
+        if name.endswith("mlp.w1.weight"):
+            shape, name = (2 * p.shape[0], p.shape[1]), name.replace("w1.weight", "w13.weight")
+        gain = 1.0 if name.endswith("norm.weight") or "norm1" in name or "norm2" in name else 0.0
+        old[name] = torch.randn(shape, generator=g) * 0.3 + gain
+    model.load_state_dict(old)                                     # strict: w13 converts, nothing left over
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
@@ -1186,6 +1193,30 @@ def test_pixnerd_forward_matches_the_official_pixnerdit():
     assert out[1, 0, 31, 31].item() == pytest.approx(0.034109994769096375, abs=1e-4)
     assert out.mean().item() == pytest.approx(0.4028877900200314, abs=1e-5)
     assert out.abs().mean().item() == pytest.approx(0.7792290544821299, abs=1e-5)
+
+
+def test_pixnerd_old_w13_state_dict_loads_and_gives_the_same_output():
+    """SwiGLU has the official w1/w3/w2 keys; older pixnerd.py checkpoints fused w1 and w3 into one "w13" (rows
+    [w1; w3]). Such a state dict loads (strict) into the same weights, and the model gives the same output."""
+    torch.manual_seed(0)
+    model = pixnerd.create_model("tiny", 32, 10)
+    randomize_output_layer(model)
+    sd = model.state_dict()
+    old = {k: v for k, v in sd.items() if ".mlp.w1." not in k and ".mlp.w3." not in k}
+    for k in sd:
+        if k.endswith("mlp.w1.weight"):
+            old[k.replace("w1.", "w13.")] = torch.cat([sd[k], sd[k.replace("w1.", "w3.")]])   # (2*hidden, D)
+    fresh = pixnerd.create_model("tiny", 32, 10)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+    z, t, y = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.9]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(fresh(z, t, y), model(z, t, y))
+    # The old fused forward, silu(x1) * x3 with x1, x3 = w13(x).chunk(2), matches the canonical one.
+    mlp, w13 = fresh.blocks[0].mlp, old["blocks.0.mlp.w13.weight"]
+    x = torch.randn(5, 64)
+    x1, x3 = (x @ w13.T).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(x), (F.silu(x1) * x3) @ mlp.w2.weight.T, rtol=1e-5, atol=1e-6)
 
 
 def test_pixnerd_patchify_is_channel_major_unfold_and_roundtrips():
@@ -1332,7 +1363,8 @@ def test_pixnerd_loss_is_zero_for_the_true_velocity_and_label_dropout_hits_null(
     pixnerd.sample_t(4, "cpu")
     e = torch.randn_like(x)                                        # replay the loss's draws: t, then e
     torch.manual_seed(1)
-    assert pixnerd.flow_loss(Oracle(x - e), x, torch.zeros(4, dtype=torch.long), 10).item() < 1e-12
+    loss, terms = pixnerd.flow_loss(Oracle(x - e), x, torch.zeros(4, dtype=torch.long), 10)
+    assert loss.item() < 1e-12 and terms["repa"] == 0 and terms["mse"] == loss
     seen = []
 
     class Spy(torch.nn.Module):
@@ -1362,14 +1394,14 @@ def test_pixnerd_repa_loss_zero_when_aligned_and_grad_reaches_projector_only_thr
     assert pixnerd.repa_loss(h, -h).item() == pytest.approx(2, abs=1e-6)
     # The training path with a stand-in encoder: loss = MSE + 0.5 * (1 - cos); the projector gets a gradient.
     torch.manual_seed(0)
-    model = pixnerd.create_model("tiny", 32, 10, repa=True)
+    model = pixnerd.create_model("tiny", 32, 10, repa_dim=pixnerd.REPA_DIM)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = torch.tensor([1, 2])
     enc = pixnerd_stand_in_encoder(8)
     torch.manual_seed(5)
-    loss = pixnerd.flow_loss(model, x, y, 10, encoder=enc, repa_weight=0.5)
+    loss, terms = pixnerd.flow_loss(model, x, y, 10, encoder=enc, repa_weight=0.5)
     torch.manual_seed(5)
-    mse = pixnerd.flow_loss(model, x, y, 10)                       # the same draws, no REPA
+    mse, _ = pixnerd.flow_loss(model, x, y, 10)                    # the same draws, no REPA
     with torch.no_grad():
         torch.manual_seed(5)
         t = pixnerd.sample_t(2, "cpu")
@@ -1379,15 +1411,17 @@ def test_pixnerd_repa_loss_zero_when_aligned_and_grad_reaches_projector_only_thr
         _, hh = model(z, t, yy, return_repa=True)
         expected = pixnerd.repa_loss(hh, enc((x + 1) / 2))
     assert loss.item() == pytest.approx(mse.item() + 0.5 * expected.item(), rel=1e-5)
+    assert terms["mse"] == mse and terms["repa"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not terms["mse"].requires_grad and terms["repa"].dim() == 0      # detached scalars, for the log
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.repa_proj.parameters())
     # ... and an aligned oracle gets zero REPA loss through flow_loss too.
     oracle = Oracle(torch.zeros_like(x))
     oracle.h = enc((x + 1) / 2) * 2
     torch.manual_seed(5)
-    v_only = pixnerd.flow_loss(Oracle(torch.zeros_like(x)), x, y, 10)
+    v_only, _ = pixnerd.flow_loss(Oracle(torch.zeros_like(x)), x, y, 10)
     torch.manual_seed(5)
-    assert pixnerd.flow_loss(oracle, x, y, 10, encoder=enc).item() == pytest.approx(v_only.item(), abs=1e-6)
+    assert pixnerd.flow_loss(oracle, x, y, 10, encoder=enc)[0].item() == pytest.approx(v_only.item(), abs=1e-6)
 
 
 def test_pixnerd_repa_without_dinov2_fails_at_start_with_one_line(tmp_path):
@@ -1467,9 +1501,10 @@ def test_pixnerd_repa_train_step_with_stand_in_encoder():
     assert raw.repa_proj is not None
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     before = raw.repa_proj[0].weight.clone()
-    losses = [pixnerd.train_step(raw, ema, opt, x, torch.arange(4), s, args, pixnerd_stand_in_encoder(8))
-              for s in range(1, 4)]
-    assert all(torch.isfinite(l) for l in losses)
+    terms = [pixnerd.train_step(raw, ema, opt, x, torch.arange(4), s, args, pixnerd_stand_in_encoder(8))
+             for s in range(1, 4)]
+    assert all(set(t) == {"loss", "mse", "repa"} and all(torch.isfinite(v) for v in t.values()) for t in terms)
+    assert all(0 < t["repa"] < 2 and t["loss"] == t["mse"] + args.repa_weight * t["repa"] for t in terms)
     assert not torch.equal(raw.repa_proj[0].weight, before)        # the projector is trained
 
 
@@ -1477,8 +1512,40 @@ def test_pixnerd_repa_cli_run_with_stand_in_encoder_round_trips(tmp_path):
     run = pixnerd.main(TINY + ["--repa", "--steps", "2", "--batch-size", "4", "--sample-every", "100",
                                "--out", str(tmp_path / "r")], encoder=pixnerd_stand_in_encoder(8))
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-    assert ckpt["model_kwargs"] == {"repa": True} and "repa_proj.0.weight" in ckpt["ema"]
+    assert ckpt["model_kwargs"] == {"repa_dim": 768} and "repa_proj.0.weight" in ckpt["ema"]
+    assert all(set(r) >= {"loss", "mse", "repa"} and 0 < r["repa"] < 2 for r in read_log(run))   # terms logged
     pixnerd.create_model("tiny", 32, ckpt["num_classes"], **ckpt["model_kwargs"]).load_state_dict(ckpt["ema"])
+    # Checkpoints written before repa_dim stored {"repa": True} / {"repa": False}: create_model still takes them.
+    pixnerd.create_model("tiny", 32, ckpt["num_classes"], repa=True).load_state_dict(ckpt["ema"])
+    assert pixnerd.create_model("tiny", 32, ckpt["num_classes"], repa=False).repa_proj is None
+
+
+def test_pixnerd_resume_takes_an_old_w13_optimizer_state():
+    """A run saved while SwiGLU fused w1/w3 into "w13" has Adam moments of shape (2*hidden, D) for w13, one
+    parameter fewer per block: build()'s optimizer splits them on load, so --resume continues such a run."""
+    torch.manual_seed(0)
+    args = pixnerd.get_args(TINY)
+    raw, ema, opt = pixnerd.build(args, 8, torch.device("cpu"))
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    pixnerd.train_step(raw, ema, opt, x, torch.arange(4), 1, args)
+    sd, names = opt.state_dict(), [n for n, _ in raw.named_parameters()]
+    old_state = []                                                 # the old layout: w13 = [w1; w3], w3 dropped
+    for i, name in enumerate(names):
+        if name.endswith("mlp.w1.weight"):
+            w3 = sd["state"][names.index(name.replace("w1.", "w3."))]
+            old_state.append({k: torch.cat([v, w3[k]]) if v.dim() else v for k, v in sd["state"][i].items()})
+        elif not name.endswith("mlp.w3.weight"):
+            old_state.append(sd["state"][i])
+    old = dict(state=dict(enumerate(old_state)),
+               param_groups=[dict(sd["param_groups"][0], params=list(range(len(old_state))))])
+    _, _, fresh = pixnerd.build(args, 8, torch.device("cpu"))
+    fresh.load_state_dict(old)
+    new = fresh.state_dict()
+    assert len(old_state) < len(names) and new["param_groups"] == sd["param_groups"]
+    for i in sd["state"]:
+        for k, v in sd["state"][i].items():
+            assert torch.equal(new["state"][i][k], v), (names[i], k)
+    fresh.load_state_dict(sd)                                      # today's layout passes through unchanged
 
 
 def test_pixnerd_resume_refuses_to_turn_repa_on(tmp_path):
