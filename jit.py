@@ -1,20 +1,21 @@
 """
 JiT: "Back to Basics: Let Denoising Generative Models Denoise" (Tianhong Li & Kaiming He, arXiv 2511.13720)
 
-A plain ViT ("Just image Transformer") on raw pixels with big patches (16 at 256px, 32 at 512px) is trained as a
-flow-matching model, but the network predicts the CLEAN image x, not the noise or the velocity. Clean images lie
-on a low-dimensional manifold; noise does not. A 3*16*16 = 768-dim patch token can represent x with a width-768
+A plain ViT ("Just image Transformer") on raw pixels with big patches (16 at 256px, 32 at 512px), trained as a
+flow-matching model whose network predicts the CLEAN image x, not the noise or the velocity. Clean images lie on a
+low-dimensional manifold; noise does not: a 3*16*16 = 768-dim patch token can carry x through a width-768
 transformer, but not the full-rank noise that eps- or v-prediction must reproduce (§4.2, Tab. 2; toy version §3.3,
-Fig. 2). The loss is still taken on velocity ("x-prediction, v-loss", paper Alg. 1), which weights the timesteps well.
+Fig. 2). The loss is still taken on velocity ("x-prediction, v-loss", Alg. 1), which weights the timesteps well.
+Start reading at `flow_loss` (Alg. 1, one screen), then `sample` (Alg. 2) and the model `JiT`.
 
-Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = x - e.
+Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = dz/dt = x - e.
 Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens, D width.
 
-    python jit.py                                        # built-in "shapes" data, JiT-S, learns in minutes
+    python jit.py                                        # built-in "shapes" data, JiT-S
     python jit.py --data ffhq128                         # FFHQ 128x128 (see README for the download)
     torchrun --nproc_per_node=8 jit.py --data imagenet --config JiT-B/16     # the paper's ImageNet-256 run
     python jit.py --data ffhq128 --config JiT-S --patch-size 8 --pred v      # one cell of the ablation (§4.2)
-    python jit.py --toy                                  # the paper's toy experiment (Fig. 2), CPU, ~1 minute
+    python jit.py --toy                                  # the paper's toy experiment (Fig. 2), CPU
     python sample.py runs/jit-shapes --grid grid.png     # sample a checkpoint (sample.py)
 
 Official code: LTH14/JiT (PyTorch). Differences from it: grep "DIFF:".
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -62,55 +64,228 @@ CONFIGS = {
 }
 IN_CONTEXT_LEN = 32  # number of in-context class tokens (paper §4.4 and App. A, Tab. 9)
 
-# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
-# the command line. blr = base lr per 256 images (lr = blr * batch / 256: the official code's rule; the paper's
-# Tab. 9 gives its result, lr 2e-4 at batch 1024).
-# DIFF: for the built-in shapes demo we use blr 4e-4 (lr 2e-4 at batch 128, the paper's ImageNet lr at batch 1024)
-# so a 10k-step run moves visibly; ffhq128 and imagenet keep the paper's blr 5e-5.
-DATA_PRESETS = {
-    "shapes": dict(img_size=64, config="JiT-S", patch_size=8, batch_size=128, steps=10_000, blr=4e-4,
-                   sample_every=1000, ckpt_every=1000),
-    "ffhq128": dict(img_size=128, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
-                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    "imagenet": dict(img_size=256, config="JiT-B/16", batch_size=1024, steps=750_000, blr=5e-5,
-                     sample_every=10_000, ckpt_every=10_000),  # 600 epochs at batch 1024 = 750k steps
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 2. The objective: x-prediction, v-loss (paper §3.1 Eqs. 1-4, Tab. 1 row (3)(a), §4.3, Alg. 1) ----
+# ---------------------------------------------------------------------------------------------------------------
+# z = t*x + (1-t)*e and v = dz/dt = x - e, so from (z, t) and a prediction of x:  v = (x - z) / (1-t).
+# Dividing by (1-t) blows up at the data end t=1: the official code clamps (1-t) at T_EPS = 0.05, at training AND
+# at sampling, which caps the v-loss weight on x at 1/0.05^2 = 400 and keeps t=1 finite (larger t_eps hurt, much
+# smaller blew up: LTH14/JiT#68). The network's other possible outputs (eps, v) are the ablation: appendix A.
+T_EPS = 0.05                # official --t_eps
+P_MEAN, P_STD = -0.8, 0.8   # logit-normal t: t = sigmoid(N(P_MEAN, P_STD^2)), official --P_mean / --P_std
+LABEL_DROP = 0.1            # probability of replacing the label by the null class (for CFG)
+
+
+def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B, 1, 1, 1) for images
+    return t.view(-1, *[1] * (z.dim() - 1))
+
+
+def x_to_v(x_pred, z, t):
+    """v = (x - z) / max(1-t, T_EPS): paper Alg. 1, used by the loss (prediction AND target) and the sampler."""
+    return (x_pred - z) / (1 - _bcast(t, z)).clamp_min(T_EPS)
+
+
+def v_to_x(v, z, t):
+    """x = z + (1-t) * v: the inverse of x_to_v where 1-t >= T_EPS (exact, no clamp needed)."""
+    return z + (1 - _bcast(t, z)) * v
+
+
+def sample_t(n, device, p_mean=P_MEAN, p_std=P_STD):
+    """Logit-normal t (paper §3.1; mu from Tab. 3, sigma App. A): sigmoid of N(-0.8, 0.8^2) puts most samples at
+    the noisy half, t < 0.5."""
+    return torch.sigmoid(torch.randn(n, device=device) * p_std + p_mean)
+
+
+def flow_loss(model, x, y, num_classes, noise_scale=1.0):
+    """Paper Alg. 1 (training): x (B, 3, H, W) clean images in [-1, 1], y (B,) class ids -> the scalar v-loss.
+    The target goes through the same clamped x_to_v as the prediction, so the clamp acts as a loss weight and a
+    perfect prediction has exactly zero loss (the official code does the same)."""
+    t = sample_t(x.shape[0], x.device)                                  # (B,)
+    e = torch.randn_like(x) * noise_scale                               # (B, 3, H, W) noise, std: App. A
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                       # noisy image z_t
+    y = torch.where(torch.rand_like(t) < LABEL_DROP, num_classes, y)    # label dropout -> null class (CFG)
+    x_pred = model(z, t, y).float()                                     # the net predicts the clean image
+    v_pred = x_to_v(x_pred, z, t)                                       # (x_pred - z) / max(1-t, t_eps)
+    v = x_to_v(x, z, t)                                                 # = x - e wherever 1-t >= t_eps
+    return (v - v_pred).pow(2).mean()                                   # mean over C, H, W and the batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 3. Sampler (paper §3.1, Alg. 2, Tab. 9; official denoiser.py generate()) ----
+# ---------------------------------------------------------------------------------------------------------------
+CFG_SCALES = {  # official README (evaluation commands): CFG scale per model size at 256px and at 512px. The paper
+    # sweeps [1, 4] per model (App. A) and publishes no table; no scale is published for G at all: we use H's.
+    256: {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2},
+    512: {"B": 3.0, "L": 2.5, "H": 2.3, "G": 2.3},
 }
-FOLDER_DEFAULTS = dict(img_size=256, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
-                       sample_every=5000, ckpt_every=5000)
+
+
+def sampler_defaults(config, img_size):
+    """The paper's sampler: Heun, 50 steps, CFG in v-space inside the interval (0.1, 1.0)."""
+    size = config.split("-")[1][0] if config.startswith("JiT-") else "B"     # "JiT-L/16" -> "L"
+    cfg = CFG_SCALES[512 if img_size >= 512 else 256].get(size, 3.0)
+    return dict(steps=50, cfg=cfg, interval=(0.1, 1.0), solver="heun")
+
+
+@torch.no_grad()
+def velocity(model, z, t, y, cfg, interval):
+    """v(z, t) for all B images at time t (a python float), with classifier-free guidance v_u + cfg * (v_c - v_u)
+    inside the CFG interval (in_cfg_interval); there cond and uncond run as ONE batched forward of 2B.
+    DIFF: the official code always runs both halves and multiplies by a scale of 1 outside the interval; we skip
+    the unconditional half there: the same result, and with Heun-50 and interval (0.1, 1) 187 instead of 198
+    network evaluations per image (99 calls, 88 of them guided): 5.6% fewer."""
+    B = z.shape[0]
+    tt = torch.full((B,), t, device=z.device)
+    if cfg == 1.0 or not in_cfg_interval(t, interval):
+        return net_velocity(model, z, tt, y)
+    null = torch.full_like(y, model.num_classes)                            # the null class row (CFG)
+    z2, t2 = torch.cat([z, z]), torch.cat([tt, tt])                         # (2B, 3, H, W), (2B,)
+    v_c, v_u = net_velocity(model, z2, t2, torch.cat([y, null])).chunk(2)
+    return v_u + cfg * (v_c - v_u)                                          # (B, 3, H, W)
+
+
+def net_velocity(model, z, t, y):
+    """The velocity the network implies: x_to_v of its x-prediction (Alg. 2); for the ablation's eps- and
+    v-predicting networks, the conversion of appendix A."""
+    out = model(z, t, y).float()
+    return x_to_v(out, z, t) if model.pred == "x" else to_v(model.pred, out, z, t)
+
+
+def in_cfg_interval(t, interval):
+    """The official guidance test, in float32 as the official tensor comparison: t < hi and (lo == 0 or t > lo)
+    (official denoiser.py), so interval (0, 1) guides the first step t = 0, and (0.1, 1) does not guide the 50-step
+    grid's t = 5/50, which is float32(0.1)."""
+    t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
+    return bool(t < hi and (lo == 0 or t > lo))
+
+
+@torch.no_grad()
+def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on the uniform grid linspace(0, 1, steps+1) (Alg. 2).
+    Heun (2nd order) on every interval but the last, where t_next = 1 and the (1-t) clamp makes a Heun
+    correction meaningless, so the official code ends with one Euler step. Returns images (B,3,H,W) clamped to
+    [-1, 1] (the official sampler returns raw values and clamps when converting to uint8: the same PNGs).
+    None arguments take the paper's defaults (sampler_defaults). `noise` overrides the starting noise."""
+    d = sampler_defaults(model.config, model.img_size)
+    steps = steps or d["steps"]
+    cfg = d["cfg"] if cfg is None else cfg
+    cfg = 1.0 if model.num_classes == 1 else cfg           # unconditional data: nothing to guide towards
+    interval = interval or d["interval"]
+    solver = solver or d["solver"]
+    if solver not in ("heun", "euler"):
+        raise SystemExit(f"unknown solver {solver!r}: jit.py samples with 'heun' (the paper's) or 'euler'")
+    dev = next(model.parameters()).device
+    y = y.to(dev)
+    B, H = y.shape[0], model.img_size
+    if noise is None:
+        noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
+    z = noise.to(dev, torch.float32) * model.noise_scale       # z_0 = e ~ N(0, noise_scale^2): App. A
+    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        z = integrate(lambda z, t: velocity(model, z, t, y, cfg, interval), z, steps, solver, progress)
+    return z.clamp(-1, 1)
+
+
+def integrate(vel, z, steps, solver="heun", progress=False):
+    """Solve dz/dt = vel(z, t) from t=0 to t=1 on linspace(0, 1, steps+1) (float32, as the official grid).
+    Heun: an Euler predictor, then the average of the slopes at both ends; Euler alone on the last interval."""
+    ts = torch.linspace(0, 1, steps + 1).tolist()
+    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        t, t_next = ts[i], ts[i + 1]
+        v = vel(z, t)
+        if solver == "heun" and i < steps - 1:
+            v = 0.5 * (v + vel(z + (t_next - t) * v, t_next))       # slope at the Euler point z + dt * v
+        z = z + (t_next - t) * v
+    return z
+
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. Building blocks ----
+# ---- 4. The model (paper §4.1 and §4.4, Fig. 3) ----
 # ---------------------------------------------------------------------------------------------------------------
+class JiT(nn.Module):
+    """z (B,3,H,W), t (B,), y (B,) -> the network's prediction (B,3,H,W): the clean image x by default (pred="x").
+    `pred` only labels what the output means (the ablation of §4.2, Tab. 2, trains the same network to output eps
+    or v)."""
 
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnable gain, computed in fp32 whatever the autocast dtype (official util/model_util.py)."""
-
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, config, img_size, num_classes, depth, width, heads, patch, bottleneck, ctx_start, drop,
+                 pred="x", noise_scale=1.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        if img_size % patch:
+            raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {patch}.")
+        self.config, self.img_size, self.num_classes = config, img_size, num_classes
+        self.patch, self.ctx_start, self.pred, self.noise_scale = patch, ctx_start, pred, noise_scale
+        h = img_size // patch                                              # patch grid side
+        self.t_embedder = TimestepEmbedder(width, max_period=10_000)
+        self.y_embedder = nn.Embedding(num_classes + 1, width)             # row num_classes = null label (CFG)
+        self.x_embedder = BottleneckPatchEmbed(patch, bottleneck, width)
+        # DIFF: the official code keeps pos_embed as a frozen nn.Parameter; we use a non-persistent buffer: the
+        # same fixed tensor, rebuilt from the config on load, not in the optimizer, not counted as a parameter.
+        self.register_buffer("pos_embed", sincos_pos_embed(width, h)[None], persistent=False)  # (1, N, D)
+        self.in_context_posemb = nn.Parameter(torch.zeros(1, IN_CONTEXT_LEN, width))
+        # RoPE tables: one for the image tokens alone, one with the 32 in-context tokens in front (no rotation).
+        for name, prefix in (("rope", 0), ("rope_ctx", IN_CONTEXT_LEN)):
+            cos, sin = rope_2d(width // heads, h, prefix)
+            self.register_buffer(f"{name}_cos", cos, persistent=False)       # (P + N, head_dim)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)
+        # Dropout only in the middle half of the blocks (official model_jit.py; 0 for B and L).
+        self.blocks = nn.ModuleList(
+            [JiTBlock(width, heads, drop if depth // 4 <= i < depth // 4 * 3 else 0.0) for i in range(depth)])
+        self.final_layer = FinalLayer(width, patch)
+        self.initialize_weights()
 
-    def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+    def initialize_weights(self):
+        # xavier-uniform for every Linear (bias 0); the patch-embed convs likewise, viewed as Linears.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj2.bias)
+        # Label table, t-MLP and in-context position embedding: N(0, 0.02).
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.in_context_posemb, std=0.02)
+        # adaLN-Zero: every modulation output layer and the final linear start at 0 (DiT §3.2).
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                       self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, z, t, y):
+        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y)   # (B, D) each
+        c = t_emb + y_emb                                        # the adaLN condition
+        x = self.x_embedder(z) + self.pos_embed                  # (B, N, D)
+        cos, sin = self.rope_cos, self.rope_sin
+        for i, block in enumerate(self.blocks):
+            if i == self.ctx_start:
+                # In-context conditioning: 32 copies of the class embedding (not t) + a learned position
+                # embedding are prepended; from here on the RoPE table has 32 unrotated rows in front.
+                ctx = y_emb.unsqueeze(1) + self.in_context_posemb    # (B, 32, D)
+                x = torch.cat([ctx.to(x.dtype), x], dim=1)           # (B, 32 + N, D)
+                cos, sin = self.rope_ctx_cos, self.rope_ctx_sin
+            x = block(x, c, cos, sin)
+        x = self.final_layer(x[:, IN_CONTEXT_LEN:], c)           # strip the class tokens: (B, N, p*p*3)
+        return unpatchify(x, self.patch)                         # (B, 3, H, W)
 
 
-def modulate(x, shift, scale):  # x: (B, N, D), shift/scale: (B, D)
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+def default_noise_scale(img_size):
+    """Paper App. A / Tab. 9: noise e ~ N(0, s^2 I) with s = 1.0 x image_size / 256 (1 at 256px, 2 at 512px, 4 at
+    1024px: more noise for more, more correlated pixels). The paper has no size below 256; there we keep s = 1 (the
+    official code's default)."""
+    return max(1.0, img_size / 256)
 
 
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, D). The raw t goes into the sinusoid (NOT t*1000 as in DiT), ordered [cos | sin]."""
-
-    def __init__(self, dim, freq_dim=256, max_period=10_000):
-        super().__init__()
-        half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):                                           # (B,)
-        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
+def create_model(config, img_size, num_classes, patch_size=None, pred="x", noise_scale=None):
+    """The JiT of CONFIGS[config]. patch_size overrides the config's patch (ablation §4.2; bottleneck and
+    in-context tokens unchanged); pred says what the output is ("x", "eps" or "v"); noise_scale the std of e."""
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
+    cfg = dict(CONFIGS[config])
+    if patch_size:
+        cfg["patch"] = patch_size
+    noise_scale = noise_scale or default_noise_scale(img_size)
+    return JiT(config, img_size, num_classes, pred=pred, noise_scale=noise_scale, **cfg)
 
 
 class BottleneckPatchEmbed(nn.Module):
@@ -126,6 +301,41 @@ class BottleneckPatchEmbed(nn.Module):
     def forward(self, x):                                   # (B, 3, H, W)
         x = self.proj2(self.proj1(x))                       # (B, D, h, w)
         return x.flatten(2).transpose(1, 2)                 # (B, N, D), token n = row * w + col
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 5. Standard ViT / DiT parts (official model_jit.py, util/model_util.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain (eps 1e-6), computed in fp32 whatever the autocast dtype; returns the input
+    dtype."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):                  # x: (B, N, D), shift/scale: (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): 256 sinusoids of the RAW t (not t*1000 as in DiT), ordered [cos | sin], then an MLP
+    256 -> D -> D. max_period is the official code's (10 for PixNerd, PixelDiT and DeCo; 10000 for JiT)."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                           # (B,)
+        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
 
 
 def sincos_pos_embed(dim, h):
@@ -254,268 +464,7 @@ def unpatchify(x, p):                                       # (B, N, p*p*C) -> (
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The model (paper §4.1 and §4.4, Fig. 3) ----
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class JiT(nn.Module):
-    """z (B,3,H,W), t (B,), y (B,) -> the network's prediction (B,3,H,W): the clean image x by default (pred="x").
-    `pred` only labels what the output means (the ablation of §4.2, Tab. 2, trains the same network to output eps
-    or v)."""
-
-    def __init__(self, config, img_size, num_classes, depth, width, heads, patch, bottleneck, ctx_start, drop,
-                 pred="x", noise_scale=1.0):
-        super().__init__()
-        if img_size % patch:
-            raise SystemExit(f"--img-size {img_size} is not a multiple of the patch size {patch}.")
-        self.config, self.img_size, self.num_classes = config, img_size, num_classes
-        self.patch, self.ctx_start, self.pred, self.noise_scale = patch, ctx_start, pred, noise_scale
-        h = img_size // patch                                              # patch grid side
-        self.t_embedder = TimestepEmbedder(width)
-        self.y_embedder = nn.Embedding(num_classes + 1, width)             # row num_classes = null label (CFG)
-        self.x_embedder = BottleneckPatchEmbed(patch, bottleneck, width)
-        # DIFF: the official code keeps pos_embed as a frozen nn.Parameter; we use a non-persistent buffer: the
-        # same fixed tensor, rebuilt from the config on load, not in the optimizer, not counted as a parameter.
-        self.register_buffer("pos_embed", sincos_pos_embed(width, h)[None], persistent=False)  # (1, N, D)
-        self.in_context_posemb = nn.Parameter(torch.zeros(1, IN_CONTEXT_LEN, width))
-        # RoPE tables: one for the image tokens alone, one with the 32 in-context tokens in front (no rotation).
-        for name, prefix in (("rope", 0), ("rope_ctx", IN_CONTEXT_LEN)):
-            cos, sin = rope_2d(width // heads, h, prefix)
-            self.register_buffer(f"{name}_cos", cos, persistent=False)       # (P + N, head_dim)
-            self.register_buffer(f"{name}_sin", sin, persistent=False)
-        # Dropout only in the middle half of the blocks (official model_jit.py; 0 for B and L).
-        self.blocks = nn.ModuleList(
-            [JiTBlock(width, heads, drop if depth // 4 <= i < depth // 4 * 3 else 0.0) for i in range(depth)])
-        self.final_layer = FinalLayer(width, patch)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        # xavier-uniform for every Linear (bias 0); the patch-embed convs likewise, viewed as Linears.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):
-            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj2.bias)
-        # Label table, t-MLP and in-context position embedding: N(0, 0.02).
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.in_context_posemb, std=0.02)
-        # adaLN-Zero: every modulation output layer and the final linear start at 0 (DiT §3.2).
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                       self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, z, t, y):
-        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y)   # (B, D) each
-        c = t_emb + y_emb                                        # the adaLN condition
-        x = self.x_embedder(z) + self.pos_embed                  # (B, N, D)
-        cos, sin = self.rope_cos, self.rope_sin
-        for i, block in enumerate(self.blocks):
-            if i == self.ctx_start:
-                # In-context conditioning: 32 copies of the class embedding (not t) + a learned position
-                # embedding are prepended; from here on the RoPE table has 32 unrotated rows in front.
-                ctx = y_emb.unsqueeze(1) + self.in_context_posemb    # (B, 32, D)
-                x = torch.cat([ctx.to(x.dtype), x], dim=1)           # (B, 32 + N, D)
-                cos, sin = self.rope_ctx_cos, self.rope_ctx_sin
-            x = block(x, c, cos, sin)
-        x = self.final_layer(x[:, IN_CONTEXT_LEN:], c)           # strip the class tokens: (B, N, p*p*3)
-        return unpatchify(x, self.patch)                         # (B, 3, H, W)
-
-
-def default_noise_scale(img_size):
-    """Paper App. A / Tab. 9: noise e ~ N(0, s^2 I) with s = 1.0 x image_size / 256 (1 at 256px, 2 at 512px, 4 at
-    1024px: more noise for more, more correlated pixels). The paper has no size below 256; there we keep s = 1 (the
-    official code's default)."""
-    return max(1.0, img_size / 256)
-
-
-def create_model(config, img_size, num_classes, patch_size=None, pred="x", noise_scale=None):
-    """The JiT of CONFIGS[config]. patch_size overrides the config's patch (ablation §4.2; bottleneck and
-    in-context tokens unchanged); pred says what the output is ("x", "eps" or "v"); noise_scale the std of e."""
-    if config not in CONFIGS:
-        raise SystemExit(f"unknown --config {config!r}; choose one of: {', '.join(CONFIGS)}")
-    cfg = dict(CONFIGS[config])
-    if patch_size:
-        cfg["patch"] = patch_size
-    noise_scale = noise_scale or default_noise_scale(img_size)
-    return JiT(config, img_size, num_classes, pred=pred, noise_scale=noise_scale, **cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 4. Flow matching (paper §3.1 Eqs. 1-4, Tab. 1, §4.3, Alg. 1; official denoiser.py) ----
-# ---------------------------------------------------------------------------------------------------------------
-# z = t*x + (1-t)*e and v = dz/dt = x - e. From (z, t) and any ONE of x, e, v the other two follow:
-#     from x:  v = (x - z) / (1-t)         e = (z - t*x) / (1-t)
-#     from e:  v = (z - e) / t             x = (z - (1-t)*e) / t
-#     from v:  x = z + (1-t)*v             e = z - t*v
-# Dividing by (1-t) blows up near the data end t=1: the official code clamps (1-t) at T_EPS = 0.05, at training
-# AND at sampling, which caps the v-loss weight on x at 1/0.05^2 = 400 and keeps t=1 finite (larger t_eps hurt,
-# much smaller blew up: LTH14/JiT#68). We clamp t the same way where we divide by it (eps-prediction, only used by
-# the ablation), so no conversion can produce inf or NaN at either end.
-T_EPS = 0.05
-P_MEAN, P_STD = -0.8, 0.8   # logit-normal t: t = sigmoid(N(P_MEAN, P_STD^2)), official --P_mean / --P_std
-LABEL_DROP = 0.1            # probability of replacing the label by the null class (for CFG)
-
-
-def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B, 1, 1, 1) for images
-    return t.view(-1, *[1] * (z.dim() - 1))
-
-
-def to_x(kind, out, z, t):
-    """The clean image x implied by a prediction `out` of quantity `kind` ("x", "eps" or "v") at (z, t)."""
-    t = _bcast(t, z)
-    if kind == "x":
-        return out
-    if kind == "eps":
-        return (z - (1 - t) * out) / t.clamp_min(T_EPS)
-    return z + (1 - t) * out
-
-
-def to_eps(kind, out, z, t):
-    """The noise e implied by a prediction `out` of quantity `kind` at (z, t)."""
-    t = _bcast(t, z)
-    if kind == "x":
-        return (z - t * out) / (1 - t).clamp_min(T_EPS)
-    if kind == "eps":
-        return out
-    return z - t * out
-
-
-def to_v(kind, out, z, t):
-    """The velocity v = x - e implied by a prediction `out` of quantity `kind` at (z, t)."""
-    t = _bcast(t, z)
-    if kind == "x":
-        return (out - z) / (1 - t).clamp_min(T_EPS)
-    if kind == "eps":
-        return (z - out) / t.clamp_min(T_EPS)
-    return out
-
-
-CONVERT = {"x": to_x, "eps": to_eps, "v": to_v}
-
-
-def x_to_v(x_pred, z, t):
-    """v = (x - z) / max(1-t, t_eps): paper Alg. 1, used by the loss and the sampler."""
-    return to_v("x", x_pred, z, t)
-
-
-def v_to_x(v, z, t):
-    """x = z + (1-t) * v (exact, no clamp needed)."""
-    return to_x("v", v, z, t)
-
-
-def sample_t(n, device, p_mean=P_MEAN, p_std=P_STD):
-    """Logit-normal t (paper §3.1; mu from Tab. 3, sigma App. A): sigmoid of N(-0.8, 0.8^2) puts most samples at
-    the noisy half, t < 0.5."""
-    return torch.sigmoid(torch.randn(n, device=device) * p_std + p_mean)
-
-
-def flow_loss(model, x, y, num_classes, pred="x", loss="v", noise_scale=1.0):
-    """Paper Alg. 1 (training): x (B,3,H,W) in [-1,1], y (B,) class ids. Returns the scalar loss.
-    The net outputs `pred`; the MSE is taken in the space of `loss` (the default x-pred/v-loss is the paper's;
-    all 9 pairs are its Tab. 2, conversions Tab. 1). The target is the same conversion applied to the ground truth
-    of what the net predicts, so the t_eps clamp acts as a loss weight and
-    a perfect prediction has exactly zero loss."""
-    B = x.shape[0]
-    t = sample_t(B, x.device)                                           # (B,)
-    e = torch.randn_like(x) * noise_scale                               # (B, 3, H, W)
-    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                       # noisy image z_t
-    y = torch.where(torch.rand(B, device=y.device) < LABEL_DROP, num_classes, y)   # label dropout -> null class
-    out = model(z, t, y).float()                                        # the net's prediction of `pred`
-    truth = {"x": x, "eps": e, "v": x - e}[pred]
-    target = CONVERT[loss](pred, truth, z, t)                           # e.g. v = (x - z) / max(1-t, t_eps)
-    return (CONVERT[loss](pred, out, z, t) - target).pow(2).mean()      # mean over C, H, W and the batch
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 5. Sampler (paper §3.1, Alg. 2, Tab. 9; official denoiser.py generate()) ----
-# ---------------------------------------------------------------------------------------------------------------
-CFG_SCALES = {  # official README (evaluation commands): CFG scale per model size at 256px and at 512px. The paper
-    # sweeps [1, 4] per model (App. A) and publishes no table; no scale is published for G at all: we use H's.
-    256: {"B": 3.0, "L": 2.4, "H": 2.2, "G": 2.2},
-    512: {"B": 3.0, "L": 2.5, "H": 2.3, "G": 2.3},
-}
-
-
-def sampler_defaults(config, img_size):
-    """The paper's sampler: Heun, 50 steps, CFG in v-space inside the interval (0.1, 1.0)."""
-    size = config.split("-")[1][0] if config.startswith("JiT-") else "B"     # "JiT-L/16" -> "L"
-    cfg = CFG_SCALES[512 if img_size >= 512 else 256].get(size, 3.0)
-    return dict(steps=50, cfg=cfg, interval=(0.1, 1.0), solver="heun")
-
-
-@torch.no_grad()
-def velocity(model, z, t, y, cfg, interval):
-    """v(z, t) with classifier-free guidance in v-space: v_u + w * (v_c - v_u), applied where t < interval[1] and
-    (interval[0] == 0 or t > interval[0]): the official denoiser.py rule, so interval (0, 1) guides the first step
-    t = 0 while (0.1, 1) does not guide t = 0.1. t is a python float (the same for the batch); the test is done in
-    float32 like the official code's, so a grid point equal to float32(0.1) is not guided.
-    Inside the interval cond and uncond run as ONE batched forward.
-    DIFF: the official code always runs both halves and multiplies by a scale of 1 outside the interval; we skip
-    the unconditional half there: the same result, and with Heun-50 and interval (0.1, 1) 187 instead of 198
-    network evaluations per image (99 calls, 88 of them guided): 5.6% fewer."""
-    B = z.shape[0]
-    tt = torch.full((B,), t, device=z.device)
-    if cfg != 1.0 and in_cfg_interval(t, interval):
-        null = torch.full_like(y, model.num_classes)
-        z2, t2 = torch.cat([z, z]), torch.cat([tt, tt])                         # (2B, 3, H, W), (2B,)
-        v_c, v_u = to_v(model.pred, model(z2, t2, torch.cat([y, null])).float(), z2, t2).chunk(2)
-        return v_u + cfg * (v_c - v_u)
-    return to_v(model.pred, model(z, tt, y).float(), z, tt)
-
-
-def in_cfg_interval(t, interval):
-    """The official test t < hi and (lo == 0 or t > lo), in float32 as the official tensor comparison (on the
-    50-step grid t = 5/50 is float32(0.1), not guided with lo = 0.1)."""
-    t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
-    return bool(t < hi and (lo == 0 or t > lo))
-
-
-@torch.no_grad()
-def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
-    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on the uniform grid linspace(0, 1, steps+1) (Alg. 2).
-    Heun (2nd order) on every interval but the last, where t_next = 1 and the (1-t) clamp makes a Heun
-    correction meaningless, so the official code ends with one Euler step. Returns images (B,3,H,W) clamped to
-    [-1, 1] (the official sampler returns raw values and clamps when converting to uint8: the same PNGs).
-    None arguments take the paper's defaults (sampler_defaults). `noise` overrides the starting noise."""
-    d = sampler_defaults(model.config, model.img_size)
-    steps = steps or d["steps"]
-    cfg = d["cfg"] if cfg is None else cfg
-    cfg = 1.0 if model.num_classes == 1 else cfg           # unconditional data: nothing to guide towards
-    interval = interval or d["interval"]
-    solver = solver or d["solver"]
-    if solver not in ("heun", "euler"):
-        raise SystemExit(f"unknown solver {solver!r}: jit.py samples with 'heun' (the paper's) or 'euler'")
-    dev = next(model.parameters()).device
-    y = y.to(dev)
-    B, H = y.shape[0], model.img_size
-    if noise is None:
-        noise = torch.randn(B, 3, H, H, generator=generator, device=generator.device if generator else dev)
-    z = noise.to(dev, torch.float32) * model.noise_scale       # z_0 = e ~ N(0, noise_scale^2): App. A
-    with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-        z = integrate(lambda z, t: velocity(model, z, t, y, cfg, interval), z, steps, solver, progress)
-    return z.clamp(-1, 1)
-
-
-def integrate(vel, z, steps, solver="heun", progress=False):
-    """Solve dz/dt = vel(z, t) from t=0 to t=1 on linspace(0, 1, steps+1) (float32, as the official grid).
-    Heun: an Euler predictor, then the average of the slopes at both ends; Euler alone on the last interval."""
-    ts = torch.linspace(0, 1, steps + 1).tolist()
-    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-        t, t_next = ts[i], ts[i + 1]
-        v = vel(z, t)
-        if solver == "heun" and i < steps - 1:
-            v = 0.5 * (v + vel(z + (t_next - t) * v, t_next))       # slope at the Euler point z + dt * v
-        z = z + (t_next - t) * v
-    return z
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 6. Data ----
+# ---- 6. Data (ADM center crop, official main_jit.py; the built-in `shapes` data is in the appendix) ----
 # ---------------------------------------------------------------------------------------------------------------
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
@@ -548,11 +497,11 @@ class ImageFolder(torch.utils.data.Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
         if not self.files:
             raise SystemExit(f"no images (png/jpg/jpeg/webp) found under {root}: check the --data path.")
-        top = [p.relative_to(self.root).parts for p in self.files]
-        if class_cond and all(len(parts) > 1 for parts in top):
-            self.classes = sorted({parts[0] for parts in top})
+        parts = [p.relative_to(self.root).parts for p in self.files]
+        if class_cond and all(len(q) > 1 for q in parts):
+            self.classes = sorted({q[0] for q in parts})
             index = {c: i for i, c in enumerate(self.classes)}
-            self.labels = [index[parts[0]] for parts in top]
+            self.labels = [index[q[0]] for q in parts]
         else:
             self.classes, self.labels = ["all"], [0] * len(self.files)
         self.bad = 0    # unreadable files met by this process (each DataLoader worker counts its own)
@@ -574,81 +523,16 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
-class Shapes(torch.utils.data.Dataset):
-    """Built-in labelled data, so `python jit.py` runs with no download: one coloured shape (the class) on a
-    two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
-    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
-    classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
-
-    def __init__(self, size, n=20_000):
-        self.size, self.n = size, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng(i)
-        label = int(rng.integers(len(self.classes)))
-        S = 4 * self.size
-        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)             # background gradient colours
-        gy, gx = np.mgrid[0:S, 0:S] / S - 0.5                                   # (S, S) coordinates
-        a = rng.uniform(0, 2 * np.pi)                                           # gradient direction
-        ramp = np.clip(gx * np.cos(a) + gy * np.sin(a) + 0.5, 0, 1)[..., None]  # (S, S, 1) in [0, 1]
-        img = Image.fromarray((c0 * (1 - ramp) + c1 * ramp).astype(np.uint8))   # (S, S, 3)
-        draw = ImageDraw.Draw(img)
-        r = rng.uniform(0.18, 0.35) * S                                         # shape radius
-        cx, cy = rng.uniform(r, S - r, 2)
-        a0 = rng.uniform(0, 2 * np.pi)                                          # rotation
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-
-        def polygon(k, radius=r, phase=0.0):                                    # regular k-gon vertices
-            return [(cx + radius * np.cos(a0 + phase + 2 * np.pi * j / k),
-                     cy + radius * np.sin(a0 + phase + 2 * np.pi * j / k)) for j in range(k)]
-
-        name = self.classes[label]
-        if name == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        elif name == "ring":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=int(r * 0.35))
-        elif name == "square":
-            draw.polygon(polygon(4), fill=color)
-        elif name == "diamond":                                                 # a rhombus: squashed square
-            pts = polygon(4)
-            draw.polygon([(cx + 0.55 * (px - cx), py) if j % 2 else (px, py) for j, (px, py) in enumerate(pts)],
-                         fill=color)
-        elif name == "triangle":
-            draw.polygon(polygon(3), fill=color)
-        elif name == "hexagon":
-            draw.polygon(polygon(6), fill=color)
-        elif name == "star":
-            outer, inner = polygon(5), polygon(5, 0.42 * r, np.pi / 5)
-            draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
-        else:                                                                   # cross: two thick bars
-            for phase in (0.0, np.pi / 2):
-                dx, dy = np.cos(a0 + phase), np.sin(a0 + phase)
-                draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
-        img = img.resize((self.size, self.size), resample=Image.LANCZOS)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
-
-
-def resolve_data(name):
-    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
-    if name == "shapes":
-        return "shapes", None
-    if Path(name).is_dir():
-        return "folder", Path(name)
-    if Path("data", name).is_dir():
-        return "folder", Path("data", name)
-    if name in DATA_HELP:
-        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
-    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
-
-
 def make_dataset(args):
-    kind, path = resolve_data(args.data)
-    if kind == "shapes":
+    """`--data`: "shapes" (built in, appendix), a folder of images, or NAME for the folder data/NAME."""
+    if args.data == "shapes":
         return Shapes(args.img_size)
-    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
+    for folder in (Path(args.data), Path("data", args.data)):
+        if folder.is_dir():
+            return ImageFolder(folder, args.img_size, class_cond=not args.unconditional)
+    if args.data in DATA_HELP:
+        raise SystemExit(f"--data {args.data}: data/{args.data} not found. To get it: {DATA_HELP[args.data]}.")
+    raise SystemExit(f"--data {args.data}: no such folder (nor data/{args.data}). Pass a folder of images or 'shapes'.")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -663,39 +547,53 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return super().__len__() - self.skip
 
 
-def batches(loader, data_state):
-    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
-    while True:
-        loader.sampler.set_epoch(data_state["epoch"])
-        loader.sampler.skip = data_state["pos"] * loader.batch_size
-        for batch in loader:
+def make_batches(dataset, args, rank, world, device, data_state):
+    """Endless (x, y) batches on the device: uint8 (B/world, 3, H, W) images and (B/world,) labels, decoded by
+    worker processes into pinned memory and copied asynchronously. data_state = {"epoch", "pos"} counts the
+    batches consumed; it is saved in checkpoints, so a resumed run continues at the next batch."""
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # its own RNG: a new epoch must not draw from the
+    while True:                                               # global one, or a resumed run would diverge
+        sampler.set_epoch(data_state["epoch"])
+        sampler.skip = data_state["pos"] * loader.batch_size
+        for x, y in loader:
             data_state["pos"] += 1
-            yield batch
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+def default_workers():
+    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
+    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
+    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- 7. Training (paper Tab. 9, App. A; official main_jit.py / engine_jit.py) ----
 # ---------------------------------------------------------------------------------------------------------------
-
-
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official code keeps two EMAs (0.9999 and 0.9996) from step 0 (the paper picks per model among
     0.9996/0.9998/0.9999, App. A); we keep one, with the warmup decay_k = min(decay, (1 + k) / (10 + k)) (the
     num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 750k-step runs this is 0.9999
     after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random init, and the
-    sample grids would show noise (EMA decay is a known reproduction pitfall: LTH14/JiT#42, #56)."""
+    sample grids would show noise (EMA decay is a known reproduction pitfall: LTH14/JiT#42, #56).
+    warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run)."""
 
-    def __init__(self, model, decay):
-        self.decay = decay
+    def __init__(self, model, decay, warmup=True):
+        self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.src = [p for p in model.parameters()]
-        self.dst = [p for p in self.model.parameters()]
+        self.src = list(model.parameters())
+        self.dst = list(self.model.parameters())
 
     @torch.no_grad()
     def update(self, step):
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
 
 
@@ -709,17 +607,24 @@ def lr_at(step, args):
     """lr = blr * batch / 256 (official main_jit.py), linear warmup over 5 epochs (per iteration), then constant
     (paper Tab. 9). Step k (1-based) gets peak * (k-1) / warmup_steps, as the official iteration k-1: the first
     step has lr 0 (official util/lr_sched.py)."""
-    return args.peak_lr * min(1.0, (step - 1) / max(1, args.warmup_steps))
+    peak = args.lr or args.blr * args.batch_size / 256
+    return peak * min(1.0, (step - 1) / max(1, args.warmup_steps))
+
+
+def model_kwargs(args):
+    """The create_model arguments of this run beyond (config, img_size, num_classes); saved in checkpoints, so
+    sample.py rebuilds the same model."""
+    return dict(patch_size=args.patch_size, pred=args.pred,
+                noise_scale=args.noise_scale or default_noise_scale(args.img_size))
 
 
 def build(args, num_classes, device):
     """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
-    raw = create_model(args.config, args.img_size, num_classes, patch_size=args.patch_size, pred=args.pred,
-                       noise_scale=args.noise_scale).to(device)
+    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
     ema = EMA(raw, args.ema)
     # Paper Tab. 9: Adam, betas (0.9, 0.95), weight decay 0 (official: AdamW with wd 0, the same thing).
     # fused=True: one kernel for all parameters on CUDA.
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.peak_lr, betas=(0.9, 0.95), weight_decay=0.0,
+    opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type == "cuda")
     return raw, ema, opt
 
@@ -733,68 +638,63 @@ def compile_and_wrap(raw, args, device, ddp=False):
 
 
 def train_step(model, ema, opt, x, y, step, args):
-    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
-    Returns the loss as a 0-dim tensor without reading it (no host sync)."""
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B, 3, H, W) on the device.
+    Returns the loss terms as 0-dim tensors, {"loss": ...}, without reading them (no host sync)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
     x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
     if args.flip:                                                         # random horizontal flip (official code)
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     raw = unwrap(model)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
-        loss = flow_loss(model, x, y, raw.num_classes, raw.pred, args.loss, raw.noise_scale)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    try:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
+            if (args.pred, args.loss) == ("x", "v"):                      # the paper's objective (Alg. 1)
+                loss = flow_loss(model, x, y, raw.num_classes, raw.noise_scale)
+            else:                                                         # the ablation of Tab. 2 (appendix)
+                loss = ablation_loss(model, x, y, raw.num_classes, raw.pred, args.loss, raw.noise_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {x.shape[0]} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.") from None
     opt.step()
     ema.update(step)
-    return loss.detach()
+    return dict(loss=loss.detach())
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class LossLog:
+    """The loss terms of the last steps, summed on the device and read every --log-every steps: the only host sync
+    (a .item() per step would make the CPU wait for the GPU while the next step could be queued). Each reading is
+    a line of RUN/log.jsonl; a non-finite loss stops the run before anything is saved."""
 
+    def __init__(self, path, args, world, rank):
+        self.path, self.args, self.world, self.rank = path, args, world, rank
+        self.sums, self.n, self.t0 = {}, 0, time.time()
 
-def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    def add(self, terms):                                   # terms: train_step's dict of 0-dim tensors
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
+        self.n += 1
 
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def find_checkpoint(path):
-    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently
-    ignored there and training restarted from scratch)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
-    return path
-
-
-def load_checkpoint(path):
-    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
-                         f"resume it with {made_by}.py or start a new run with another --out.")
-    return ckpt
+    def write(self, step, bar):
+        sums = torch.stack(list(self.sums.values()))        # (terms,)
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        means = dict(zip(self.sums, (sums / self.n).tolist()))
+        if not all(map(math.isfinite, means.values())):
+            raise SystemExit(f"loss is {means['loss']} at step {step}: training diverged. {self.path.parent}/ckpt.pt "
+                             "holds the last good checkpoint; resume from it with a lower --lr (or --precision fp32).")
+        rate = self.n * self.args.batch_size / (time.time() - self.t0)
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(step=step, **means, lr=lr_at(step, self.args), img_per_s=rate)) + "\n")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | dict(img_s=f"{rate:.0f}"))
+        self.sums, self.n, self.t0 = {}, 0, time.time()
 
 
 def save_grid(images, path, nrow):
-    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap."""
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5)."""
     imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     n, H, W, _ = imgs.shape
     rows = math.ceil(n / nrow)
@@ -805,234 +705,238 @@ def save_grid(images, path, nrow):
     Image.fromarray(grid).save(path)
 
 
-def default_workers():
-    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Speed: decoding and ADM-cropping
-    one ImageNet JPEG takes ~3.7 ms on one core (README, "Data"), so ~270 img/s per worker: JiT-B/16's 2,400 img/s
-    target on one GPU needs 9 or more of them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+# ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
-def get_args(argv=None, ckpt=None):
-    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
-    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
-    p = argparse.ArgumentParser(description="Train JiT (Li & He, arXiv 2511.13720).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # -- data and model
-    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
-    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
-    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
-    p.add_argument("--patch-size", type=int, help="override the config's patch size (ablation §4.2)")
-    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
-                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default on)")
-    # -- objective (paper Alg. 1, Tab. 1-2)
-    p.add_argument("--pred", choices=["x", "eps", "v"], help="what the network outputs (paper: x)")
-    p.add_argument("--loss", choices=["x", "eps", "v"], help="space the MSE is taken in (paper: v)")
-    p.add_argument("--noise-scale", type=float, help="std of the noise e (paper: img_size / 256; 1 below 256px)")
-    # -- optimisation
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs")
-    p.add_argument("--steps", type=int, help="total optimisation steps")
-    p.add_argument("--lr", type=float, help="learning rate (default: blr * batch / 256)")
-    p.add_argument("--blr", type=float, help="base learning rate per 256 images (official: 5e-5)")
-    p.add_argument("--warmup-epochs", type=float, help="linear lr warmup length in epochs (paper: 5)")
-    p.add_argument("--ema", type=float, help="EMA decay (official: 0.9999), reached after a warmup")
-    # -- run folder, logging, sampling
-    p.add_argument("--out", help="run folder (default runs/jit-DATA)")
-    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
-    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
-    p.add_argument("--cfg", type=float, help="CFG scale for the grids (default: the paper's for the config)")
-    p.add_argument("--sample-steps", type=int, help="sampler steps for the grids (paper: 50 Heun)")
-    # -- system
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--num-workers", type=int, help="data loader processes per GPU (default: cores per GPU - 1)")
-    p.add_argument("--seed", type=int, help="global seed")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
-    p.add_argument("--toy", action="store_true", help="run the paper's toy experiment (§3.3, Fig. 2) and exit")
-    args = p.parse_args(argv)
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
-    saved = ckpt["args"] if ckpt else {}
-    data = args.data or saved.get("data") or "shapes"
-    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
-    defaults = dict(data="shapes", img_size=256, config="JiT-B/16", patch_size=None, unconditional=False,
-                    flip=True, pred="x", loss="v", noise_scale=None, batch_size=128, steps=100_000, lr=None,
-                    blr=5e-5, warmup_epochs=5.0, ema=0.9999, out=None, ckpt_every=5000, sample_every=5000,
-                    log_every=50, cfg=None, sample_steps=None, compile=None, precision=None,
-                    num_workers=default_workers(), seed=0, device=None)
-    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
-    for key, default in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
-    if args.resume and not args.out:                                    # resume writes where the checkpoint is
-        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
-    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
-    # --lr stays what the user gave (None = derive), so a resumed run re-derives it from --blr / --batch-size.
-    args.peak_lr = args.lr or args.blr * args.batch_size / 256          # official lr scaling rule
-    args.warmup_steps = 0                                               # main() sets it from the dataset size
+
+def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank):
+    """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
+    then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
+                        model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
+                        opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
+        os.replace(tmp, path)
+
+
+def find_checkpoint(path):
+    """--resume takes a run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently ignored
+    there and training restarted from scratch)."""
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
+    from disk only when used (get_args reads just the settings)."""
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
+    made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if made_by != SCRIPT:
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def restore(args, raw, ema, opt, num_classes, rank):
+    """Step 0 for a new run. On --resume every piece of state comes back: weights, EMA, Adam moments, the step,
+    this rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it)."""
+    if args.resume is None:
+        return 0, {"epoch": 0, "pos": 0}
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["num_classes"] != num_classes:
+        raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data {num_classes}; "
+                         "resume with the data it was trained on.")
+    raw.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"], dict(ckpt["data"])
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain `python jit.py`:
+    one process on --device. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 8. Command line and main ----
+# ---------------------------------------------------------------------------------------------------------------
+# What `--data NAME` means: the training defaults we use for it (any flag overrides them). blr = base lr per 256
+# images (lr = blr * batch / 256: the official code's rule; the paper's Tab. 9 gives its result, lr 2e-4 at batch
+# 1024). A folder that is not one of these names gets FOLDER_DEFAULTS.
+# DIFF: for the built-in shapes demo we use blr 4e-4 (lr 2e-4 at batch 128, the paper's ImageNet lr at batch 1024)
+# so a 10k-step run moves visibly; ffhq128 and imagenet keep the paper's blr 5e-5.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="JiT-S", patch_size=8, batch_size=128, steps=10_000, blr=4e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    "imagenet": dict(img_size=256, config="JiT-B/16", batch_size=1024, steps=750_000, blr=5e-5,
+                     sample_every=10_000, ckpt_every=10_000),  # 600 epochs at batch 1024 = 750k steps
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
+                       sample_every=5000, ckpt_every=5000)
+MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
+SAME_RUN = ("config", "img_size", "patch_size", "pred", "loss", "noise_scale")  # a resumed run cannot change these
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args(argv=None):
+    """The run's settings. Each value comes from the command line, else the resumed checkpoint, else the --data
+    preset (DATA_PRESETS), else the defaults below: `--resume RUN` alone continues RUN exactly as it was."""
+    p = argparse.ArgumentParser(description="Train JiT (Li & He, arXiv 2511.13720).", formatter_class=Help)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="shapes", help="'shapes' (built in), a folder of images, or NAME for data/NAME")
+    g.add_argument("--img-size", type=int, default=64, help="image side in pixels")
+    g.add_argument("--config", default="JiT-S", help=f"model config (paper Tab. 9): {', '.join(CONFIGS)}")
+    g.add_argument("--patch-size", type=int, help="override the config's patch size (ablation §4.2)")
+    g.add_argument("--unconditional", action=argparse.BooleanOptionalAction, default=False,
+                   help="ignore class subfolders, train one class (FFHQ's folders are not classes)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flip")
+    g = p.add_argument_group("objective (paper Alg. 1; the ablation of Tab. 2)")
+    g.add_argument("--pred", choices=["x", "eps", "v"], default="x", help="what the network outputs")
+    g.add_argument("--loss", choices=["x", "eps", "v"], default="v", help="the space the MSE is taken in")
+    g.add_argument("--noise-scale", type=float, help="std of the noise e (default: img_size / 256, at least 1)")
+    g = p.add_argument_group("optimisation (paper Tab. 9)")
+    g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the GPUs")
+    g.add_argument("--steps", type=int, default=10_000, help="total optimisation steps")
+    g.add_argument("--lr", type=float, help="learning rate (default: blr * batch / 256)")
+    g.add_argument("--blr", type=float, default=4e-4, help="base learning rate per 256 images (paper: 5e-5)")
+    g.add_argument("--warmup-epochs", type=float, default=5.0, help="linear lr warmup, in epochs")
+    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, reached after a warmup")
+    g = p.add_argument_group("run folder, logging, sampling")
+    g.add_argument("--out", help="run folder (default: runs/jit-DATA; with --resume, the resumed run's)")
+    g.add_argument("--resume", nargs="?", const="", help="continue a run: its folder or ckpt file (alone: --out)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's for the config)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 50 Heun)")
+    g = p.add_argument_group("system")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    g.add_argument("--num-workers", type=int, default=default_workers(), help="data loader processes per GPU")
+    g.add_argument("--seed", type=int, default=0, help="global seed")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    g.add_argument("--toy", action="store_true", help="run the paper's toy experiment (§3.3, Fig. 2) and exit")
+    args = resolve_args(p, argv)
+    args.warmup_steps = 0                               # main() sets it from the dataset size
+    return args
+
+
+def resolve_args(p, argv):
+    """Parse argv with p's defaults overridden, in this order, by the --data preset, then the resumed checkpoint's
+    settings (flags still win). Then the derived values: the checkpoint path, the run folder, and compile + bf16
+    by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
+    first, saved = known(), {}
+    if first.resume is not None:
+        first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
+        saved = {k: v for k, v in load_checkpoint(first.resume)["args"].items() if k in vars(first)}
+        saved = {k: v for k, v in saved.items() if k not in MACHINE}
+        p.set_defaults(**saved)                                  # so that the preset is the run's --data's
+    p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
+    args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    for key in SAME_RUN:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+    args.resume = first.resume
+    args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     return args
 
 
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python jit.py`: one
-    process on --device. Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and args.device != "cpu":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def check_compatible(args, ckpt):
-    """A checkpoint continues only the run it came from: same script (checked on load), model and objective."""
-    for key in ("config", "img_size", "patch_size", "pred", "loss", "noise_scale"):
-        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
-            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
-                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 8. main ----
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def main(argv=None):
-    # -- The run's settings. A resumed run re-reads its own settings from the checkpoint (flags given now win).
     args = get_args(argv)
-    if args.toy:                                        # paper Fig. 2 on CPU: prints a table, writes the PNGs
+    if args.toy:                                        # paper Fig. 2 on the CPU (appendix B)
         return toy_experiment(out=Path(args.out) / "toy")
-    ckpt = None
-    if args.resume is not None:
-        ckpt_path = find_checkpoint(args.resume or args.out)
-        ckpt = load_checkpoint(ckpt_path)
-        args = get_args(argv, ckpt)
-        check_compatible(args, ckpt)
-    elif (Path(args.out) / "ckpt.pt").exists():
+    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
-    # -- Processes and devices: one process per GPU under torchrun, else one process on --device.
+    # Setup processes and devices: one process per GPU under torchrun, else one process on --device.
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
-                         "use a multiple.")
-    torch.manual_seed(args.seed + rank)                         # ranks draw different t, noise and label drops
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # for what still runs in fp32
 
-    # -- Data: the class count comes from the data (1 for a flat folder or FFHQ, 1000 for ImageNet).
+    # Setup data: the class count comes from it (1 for FFHQ or a flat folder, 1000 for ImageNet).
     dataset = make_dataset(args)
     num_classes = len(dataset.classes)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    args.warmup_steps = int(args.warmup_epochs * len(dataset) // args.batch_size)   # paper: 5 epochs
-    # -- Model, EMA, optimizer; on resume every piece of state comes back: weights, EMA, Adam moments, step,
-    #    every rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it).
+    args.warmup_steps = int(args.warmup_epochs * len(dataset) // args.batch_size)   # paper Tab. 9: 5 epochs
+
+    # Setup model, EMA, optimizer, and on --resume all of their state.
     raw, ema, opt = build(args, num_classes, device)
-    step, data_state = 0, {"epoch": 0, "pos": 0}
-    if ckpt:
-        if ckpt["num_classes"] != num_classes:
-            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
-                             f"{num_classes}; resume with the data it was trained on.")
-        raw.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, data_state = ckpt["step"], dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        del ckpt
+    step, data_state = restore(args, raw, ema, opt, num_classes, rank)
     model = compile_and_wrap(raw, args, device, ddp=world > 1)
-
-    # -- Loader: uint8 images from worker processes into pinned memory, copied asynchronously (non_blocking) to
-    #    the GPU, where train_step normalises them. persistent_workers keeps the workers alive across epochs.
-    local_batch = args.batch_size // world
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
-                                                              # one, or a resumed run would diverge from the original
-    data = batches(loader, data_state)
-
+    batches = make_batches(dataset, args, rank, world, device, data_state)
     run = Path(args.out)
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.config} ({n_params / 1e6:.1f}M params, patch {raw.patch}, pred {args.pred}, loss {args.loss}) "
-              f"on {len(dataset)} images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, "
-              f"lr {args.peak_lr:.2e}, {args.precision}, compile={args.compile} -> {run}")
-    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
-    gen = torch.Generator().manual_seed(1234)
-    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
-    grid_y = torch.arange(64) % num_classes
+        print(f"{args.config} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, patch {raw.patch}, "
+              f"pred {args.pred}, loss {args.loss}) on {len(dataset)} images, {num_classes} classes, {world} x "
+              f"{device.type}, batch {args.batch_size}, {args.precision}, compile={args.compile} -> {run}")
+    gen = torch.Generator().manual_seed(1234)           # fixed grid noise and labels: successive grids compare
+    grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
 
-    def log_and_check(loss_sum, n, t0):
-        """The only host sync: read the mean loss of the last n steps, stop on NaN/inf, write log.jsonl."""
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        loss = loss_sum.item() / n
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
-                             "checkpoint; resume from it with a lower --lr (or --precision fp32).")
-        rate = n * args.batch_size / (time.time() - t0)
-        if rank == 0:
-            with open(run / "log.jsonl", "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, lr=lr_at(step, args), img_per_s=rate)) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{lr_at(step, args):.1e}")
-
-    # -- The loop. The loss stays on the GPU (loss_sum) and is read every --log-every steps only: a .item() per
-    #    step would make the CPU wait for the GPU and leave it idle while the next step is queued.
+    # Training loop.
+    log = LossLog(run / "log.jsonl", args, world, rank)
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
-    loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
-    try:
-        while step < args.steps:
-            x, y = next(data)                                     # (B/world, 3, H, W) uint8, (B/world,) long
-            step += 1
-            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
-                                   y.to(device, non_blocking=True), step, args)
-            n += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-                log_and_check(loss_sum, n, t0)                     # before any save: never checkpoint a NaN
-                loss_sum, n, t0 = torch.zeros((), device=device), 0, time.time()
-            if step % args.sample_every == 0 or step == args.steps:   # EMA weights, the paper's sampler
-                if rank == 0:
-                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
-                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                rngs = [None] * world
-                if world > 1:
-                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
-                else:
-                    rngs = [rng_state()]
-                if rank == 0:                                     # the checkpoint layout all 4 scripts share
-                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
-                                     num_classes=num_classes, pred=args.pred,
-                                     model_kwargs=dict(patch_size=args.patch_size, pred=args.pred,
-                                                       noise_scale=raw.noise_scale),
-                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)), run / "ckpt.pt")
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
-                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
+    while step < args.steps:
+        x, y = next(batches)                            # (B/world, 3, H, W) uint8, (B/world,) long, on the device
+        step += 1
+        log.add(train_step(model, ema, opt, x, y, step, args))
+        bar.update(1)
+        save = step % args.ckpt_every == 0 or step == args.steps
+        if step % args.log_every == 0 or save:
+            log.write(step, bar)                        # before any save: a NaN run stops, never checkpointed
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
+            images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+            save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+        if save:
+            save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
     bar.close()
     if world > 1:
         dist.destroy_process_group()
@@ -1040,7 +944,63 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 9. Toy experiment (paper §3.3, Fig. 2) ----
+# ---- Appendix A. The prediction / loss ablation (paper §4.2, Tab. 1-2: `--pred`, `--loss`) ----
+# ---------------------------------------------------------------------------------------------------------------
+# From (z, t) and any ONE of x, e, v the other two follow (z = t*x + (1-t)*e, v = x - e):
+#     from x:  v = (x - z) / (1-t)         e = (z - t*x) / (1-t)
+#     from e:  v = (z - e) / t             x = (z - (1-t)*e) / t
+#     from v:  x = z + (1-t)*v             e = z - t*v
+# Where we divide by t (eps-prediction) we clamp t at T_EPS the same way as (1-t), so no conversion can produce inf
+# or NaN at either end. The paper's cell (x-pred, v-loss) is flow_loss above; the other 8 of Tab. 2 train with
+# ablation_loss, and the sampler turns any of the three outputs into v with to_v.
+
+
+def to_x(kind, out, z, t):
+    """The clean image x implied by a prediction `out` of quantity `kind` ("x", "eps" or "v") at (z, t)."""
+    t = _bcast(t, z)
+    if kind == "x":
+        return out
+    if kind == "eps":
+        return (z - (1 - t) * out) / t.clamp_min(T_EPS)
+    return z + (1 - t) * out
+
+
+def to_eps(kind, out, z, t):
+    """The noise e implied by a prediction `out` of quantity `kind` at (z, t)."""
+    t = _bcast(t, z)
+    if kind == "x":
+        return (z - t * out) / (1 - t).clamp_min(T_EPS)
+    if kind == "eps":
+        return out
+    return z - t * out
+
+
+def to_v(kind, out, z, t):
+    """The velocity v = x - e implied by a prediction `out` of quantity `kind` at (z, t)."""
+    t = _bcast(t, z)
+    if kind == "x":
+        return (out - z) / (1 - t).clamp_min(T_EPS)
+    if kind == "eps":
+        return (z - out) / t.clamp_min(T_EPS)
+    return out
+
+
+def ablation_loss(model, x, y, num_classes, pred, loss, noise_scale=1.0):
+    """The 3x3 of Tab. 2: the net outputs `pred`, the MSE is taken in the space of `loss` (Tab. 1). The target is
+    the same conversion applied to the ground truth of what the net predicts, so the clamps act as a loss weight
+    and a perfect prediction has exactly zero loss. With (pred, loss) = ("x", "v") it equals flow_loss."""
+    t = sample_t(x.shape[0], x.device)                                  # (B,): the same draws as flow_loss
+    e = torch.randn_like(x) * noise_scale                               # (B, 3, H, W)
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e                       # noisy image z_t
+    y = torch.where(torch.rand_like(t) < LABEL_DROP, num_classes, y)    # label dropout -> null class
+    out = model(z, t, y).float()                                        # the net's prediction of `pred`
+    truth = {"x": x, "eps": e, "v": x - e}[pred]
+    convert = {"x": to_x, "eps": to_eps, "v": to_v}[loss]
+    return (convert(pred, out, z, t) - convert(pred, truth, z, t)).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix B. Toy experiment (paper §3.3, Fig. 2) ----
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's argument in one small experiment. d = 2 dimensional data x_hat (a curve in the plane) is "buried" in
 # a D-dimensional space by a fixed random column-orthogonal matrix P (D, 2), P^T P = I:  x = P x_hat.  The model
@@ -1053,7 +1013,7 @@ def main(argv=None):
 # What the paper does not say (our choices, marked "choice:"): the curve, its scale, how t enters the MLP, the
 # optimizer, steps and batch size, the number of samples, and the metric (the paper only shows scatter plots).
 # Shapes in this section: N points, D ambient dimension, d = 2.
-# The x / eps / v conversions are §4's to_x / to_eps / to_v (their _bcast works for (B, D) points as for images).
+# The x / eps / v conversions are appendix A's to_x / to_eps / to_v (_bcast works for (B, D) points as for images).
 
 
 # choice: the paper's text does not name the 2-D distribution; we use a spiral arc (no noise, as most public
@@ -1185,6 +1145,66 @@ def toy_experiment(dims=(2, 8, 16, 512), preds=("x", "eps", "v"), steps=1000, ou
         for D in dims:
             print(f"{D:6d}" + "".join(f"{results[(D, p)]:10.3f}" for p in preds))
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix C. Built-in data: `--data shapes` ----
+# ---------------------------------------------------------------------------------------------------------------
+class Shapes(torch.utils.data.Dataset):
+    """Built-in labelled data, so `python jit.py` runs with no download: one coloured shape (the class) on a
+    two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
+    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
+    classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
+
+    def __init__(self, size, n=20_000):
+        self.size, self.n = size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        label = int(rng.integers(len(self.classes)))
+        S = 4 * self.size
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)             # background gradient colours
+        gy, gx = np.mgrid[0:S, 0:S] / S - 0.5                                   # (S, S) coordinates
+        a = rng.uniform(0, 2 * np.pi)                                           # gradient direction
+        ramp = np.clip(gx * np.cos(a) + gy * np.sin(a) + 0.5, 0, 1)[..., None]  # (S, S, 1) in [0, 1]
+        img = Image.fromarray((c0 * (1 - ramp) + c1 * ramp).astype(np.uint8))   # (S, S, 3)
+        draw = ImageDraw.Draw(img)
+        r = rng.uniform(0.18, 0.35) * S                                         # shape radius
+        cx, cy = rng.uniform(r, S - r, 2)
+        a0 = rng.uniform(0, 2 * np.pi)                                          # rotation
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+
+        def polygon(k, radius=r, phase=0.0):                                    # regular k-gon vertices
+            return [(cx + radius * np.cos(a0 + phase + 2 * np.pi * j / k),
+                     cy + radius * np.sin(a0 + phase + 2 * np.pi * j / k)) for j in range(k)]
+
+        name = self.classes[label]
+        if name == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif name == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=int(r * 0.35))
+        elif name == "square":
+            draw.polygon(polygon(4), fill=color)
+        elif name == "diamond":                                                 # a rhombus: squashed square
+            pts = polygon(4)
+            draw.polygon([(cx + 0.55 * (px - cx), py) if j % 2 else (px, py) for j, (px, py) in enumerate(pts)],
+                         fill=color)
+        elif name == "triangle":
+            draw.polygon(polygon(3), fill=color)
+        elif name == "hexagon":
+            draw.polygon(polygon(6), fill=color)
+        elif name == "star":
+            outer, inner = polygon(5), polygon(5, 0.42 * r, np.pi / 5)
+            draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
+        else:                                                                   # cross: two thick bars
+            for phase in (0.0, np.pi / 2):
+                dx, dy = np.cos(a0 + phase), np.sin(a0 + phase)
+                draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
+        img = img.resize((self.size, self.size), resample=Image.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
 
 
 if __name__ == "__main__":

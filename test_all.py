@@ -194,7 +194,14 @@ def test_jit_loss_zero_for_perfect_prediction_and_loss_weight_capped():
             jit.sample_t(4, "cpu")                                 # replay the loss's random draws to get e
             oracle.e = torch.randn_like(x)
             torch.manual_seed(1)
-            assert jit.flow_loss(oracle, x, torch.zeros(4, dtype=torch.long), 10, pred, loss).item() < 1e-10
+            assert jit.ablation_loss(oracle, x, torch.zeros(4, dtype=torch.long), 10, pred, loss).item() < 1e-10
+    # the paper's cell of the ablation is flow_loss itself (Alg. 1): the same draws give the same value
+    net = FieldModel(lambda z, t, y: 0.3 * z + t.view(-1, 1, 1, 1), pred="x")
+    y = torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(2)
+    paper = jit.flow_loss(net, x, y, 10, noise_scale=2.0)
+    torch.manual_seed(2)
+    assert torch.equal(paper, jit.ablation_loss(net, x, y, 10, "x", "v", noise_scale=2.0)) and paper > 0.1
 
 
 @pytest.mark.parametrize("mod,steps", [(jit, 300), (pixeldit, 100), (pixnerd, 80)],
@@ -210,7 +217,7 @@ def test_overfits_one_batch(mod, steps):
     ds = mod.Shapes(32)
     x = torch.stack([ds[i][0] for i in range(8)])                      # uint8 (8, 3, 32, 32)
     y = torch.tensor([ds[i][1] for i in range(8)])
-    losses = [mod.train_step(raw, ema, opt, x, y, s, args).item() for s in range(1, steps + 1)]
+    losses = [mod.train_step(raw, ema, opt, x, y, s, args)["loss"].item() for s in range(1, steps + 1)]
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     assert last < 0.5 * first, (first, last)
 
@@ -236,7 +243,7 @@ def test_every_script_cli_smoke_writes_the_shared_checkpoint_grid_and_log(mod, t
     assert [r["step"] for r in log] == [2, 4] and all(math.isfinite(r["loss"]) for r in log)
     # The paper's training defaults reach the run (each script's own).
     if mod is jit:
-        assert ckpt["pred"] == "x" and ckpt["args"]["loss"] == "v" and ckpt["args"]["flip"] is True
+        assert ckpt["model_kwargs"]["pred"] == "x" and ckpt["args"]["loss"] == "v" and ckpt["args"]["flip"] is True
     if mod is pixeldit:
         assert ckpt["args"]["flip"] is False and ckpt["args"]["grad_clip"] == 1.0 and ckpt["args"]["shift"] == 1.0
     if mod is deco:
@@ -319,8 +326,9 @@ def test_jit_resume_rederives_the_lr_from_blr(tmp_path):
     jit.main(TINY + ["--batch-size", "8", "--sample-every", "100", "--steps", "1", "--out", str(tmp_path / "a")])
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     assert ckpt["args"]["lr"] is None                              # the derived lr is not saved as a user flag
-    args = jit.get_args(["--resume", str(tmp_path / "a" / "ckpt.pt"), "--blr", "1e-3"], ckpt)
-    assert args.out == str(tmp_path / "a") and args.peak_lr == pytest.approx(1e-3 * 8 / 256)
+    args = jit.get_args(["--resume", str(tmp_path / "a" / "ckpt.pt"), "--blr", "1e-3"])
+    assert args.out == str(tmp_path / "a") and jit.lr_at(2, args) == pytest.approx(1e-3 * 8 / 256)
+    assert args.batch_size == 8 and args.config == "tiny"          # the rest comes back from the checkpoint
 
 
 def make_images(folder, n, size=40, seed=0):
@@ -374,7 +382,7 @@ def test_jit_every_pred_loss_pair_trains_without_nan(pred, loss):
     raw, ema, opt = jit.build(args, 8, torch.device("cpu"))
     assert raw.pred == pred
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    losses = [jit.train_step(raw, ema, opt, x, torch.arange(4), s, args) for s in range(1, 5)]
+    losses = [jit.train_step(raw, ema, opt, x, torch.arange(4), s, args)["loss"] for s in range(1, 5)]
     assert all(torch.isfinite(l) for l in losses)
     assert all(torch.isfinite(p).all() for p in raw.parameters())
 
@@ -383,7 +391,7 @@ def test_jit_patch_size_override_and_v_checkpoint_samples_with_v(tmp_path):
     run = jit.main(TINY + ["--steps", "2", "--batch-size", "4", "--sample-every", "100", "--pred", "v",
                            "--patch-size", "4", "--out", str(tmp_path / "v")])
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-    assert ckpt["pred"] == "v" and ckpt["model_kwargs"]["patch_size"] == 4
+    assert ckpt["model_kwargs"]["pred"] == "v" and ckpt["model_kwargs"]["patch_size"] == 4
     model = jit.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"])
     assert model.pred == "v" and model.patch == 4 and model.x_embedder.proj1.kernel_size == (4, 4)
