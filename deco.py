@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -72,22 +73,6 @@ CONFIGS = {
     "tiny": dict(depth=2, width=64, heads=2, patch=8, dec_depth=2, dec_width=16, repa_layer=1, label_drop=0.1),
 }
 MODEL_KEYS = ("depth", "width", "heads", "patch", "dec_depth", "dec_width", "repa_layer")  # -> DeCo(...)
-
-# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
-# the command line. The paper trains with a constant lr 1e-4 at batch 256.
-# DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly; ffhq128
-# and imagenet keep the paper's 1e-4.
-DATA_PRESETS = {
-    "shapes": dict(img_size=64, config="DeCo-S/8", batch_size=128, steps=10_000, lr=2e-4,
-                   sample_every=1000, ckpt_every=1000),
-    "ffhq128": dict(img_size=128, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
-                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    # the paper's ImageNet-256 run: XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2)
-    "imagenet": dict(img_size=256, config="DeCo-XL/16", batch_size=256, steps=1_600_000, lr=1e-4, repa=True,
-                     sample_every=10_000, ckpt_every=10_000),
-}
-FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
-                       sample_every=5000, ckpt_every=5000)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,7 +459,7 @@ def in_cfg_interval(t, interval):
     It matters: the 20-, 40- and 250-step grids hold t = float32(0.1) exactly, guided in float64 (0.1f > 0.1) but
     not in float32 (0.1f > 0.1f is False)."""
     t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
-    return bool(lo < t <= hi)           # pixeldit, pixnerd: lo < t < hi;  deco: lo < t <= hi;  jit: t < hi and (lo == 0 or t > lo)
+    return bool(lo < t <= hi)
 
 
 @torch.no_grad()
@@ -650,7 +635,7 @@ def unpatchify(x, p, H, W):                             # (B, N, C*p*p) -> (B, C
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Data (official PixImageNet: ADM center crop, no flip, [-1, 1]) ----
+# ---- 8. Data (ADM center crop, no flip: official PixImageNet; the built-in `shapes` data is in the appendix) --
 # ---------------------------------------------------------------------------------------------------------------
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
@@ -662,8 +647,8 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion; official center_crop_fn): halve with a box filter while the short side
-    is >= 2*size, bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
+    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -709,11 +694,461 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
+def make_dataset(args):
+    """`--data`: "shapes" (built in, appendix), a folder of images, or NAME for the folder data/NAME."""
+    if args.data == "shapes":
+        return Shapes(args.img_size)
+    for folder in (Path(args.data), Path("data", args.data)):
+        if folder.is_dir():
+            return ImageFolder(folder, args.img_size, class_cond=not args.unconditional)
+    if args.data in DATA_HELP:
+        raise SystemExit(f"--data {args.data}: data/{args.data} not found. To get it: {DATA_HELP[args.data]}.")
+    raise SystemExit(f"--data {args.data}: no such folder (nor data/{args.data}). Pass a folder of images or 'shapes'.")
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
+    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def make_batches(dataset, args, rank, world, device, data_state):
+    """Endless (x, y) batches on the device: uint8 (B/world, 3, H, W) images and (B/world,) labels, decoded by
+    worker processes into pinned memory and copied asynchronously. data_state = {"epoch", "pos"} counts the
+    batches consumed; it is saved in checkpoints, so a resumed run continues at the next batch."""
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # its own RNG: a new epoch must not draw from the
+    while True:                                               # global one, or a resumed run would diverge
+        sampler.set_epoch(data_state["epoch"])
+        sampler.skip = data_state["pos"] * loader.batch_size
+        for x, y in loader:
+            data_state["pos"] += 1
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+def default_workers():
+    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
+    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
+    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 9. Training (official lightning_model.py, simple_ema.py; the optimizer of DeCo_*.yaml) ----
+# ---------------------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
+    DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For
+    the paper's 1.6M-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would
+    still be mostly the random init, and the sample grids would show noise.
+    warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run: --init-from,
+    as the official 512px run continues its 256px EMA at 0.9999)."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.decay, self.warmup = decay, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.src = list(model.parameters())
+        self.dst = list(self.model.parameters())
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
+
+
+def unwrap(model):
+    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def lr_at(step, args):
+    """The lr of step k: constant, no warmup, no decay (official DeCo_*.yaml: lr 1e-4 at batch 256)."""
+    return args.lr
+
+
+def model_kwargs(args):
+    """The create_model arguments of this run beyond (config, img_size, num_classes); saved in checkpoints, so
+    sample.py rebuilds the same model: the REPA projector exists only with --repa."""
+    return dict(repa_dim=REPA_DIM if args.repa else 0)
+
+
+def build(args, num_classes, device):
+    """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
+    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
+    ema = EMA(raw, args.ema)
+    # Official DeCo_*.yaml: AdamW, lr 1e-4, default betas (0.9, 0.999), no weight decay, no grad clipping
+    # (class-conditional runs). fused=True: one kernel for all parameters on CUDA.
+    opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def compile_and_wrap(raw, args, device, ddp=False):
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
+    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
+    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, ema, opt, x, y, step, args, encoder=None):
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B, 3, H, W) on the device;
+    encoder: the frozen REPA target (repa_encoder) or None. Returns the loss terms as 0-dim tensors,
+    {"loss", "mse", "freq", "repa"}, without reading them (no host sync)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
+    raw = unwrap(model)
+    try:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
+            loss, terms = flow_loss(model, x, y, raw.num_classes, args.label_drop, args.freq_weight,
+                                    args.jpeg_quality, encoder=encoder, repa_weight=args.repa_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {x.shape[0]} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.") from None
+    opt.step()
+    ema.update(step)
+    return dict(loss=loss.detach(), **terms)
+
+
+class LossLog:
+    """The loss terms of the last steps, summed on the device and read every --log-every steps: the only host sync
+    (a .item() per step would make the CPU wait for the GPU while the next step could be queued). Each reading is
+    a line of RUN/log.jsonl; a non-finite loss stops the run before anything is saved."""
+
+    def __init__(self, path, args, world, rank):
+        self.path, self.args, self.world, self.rank = path, args, world, rank
+        self.sums, self.n, self.t0 = {}, 0, time.time()
+
+    def add(self, terms):                                   # terms: train_step's dict of 0-dim tensors
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
+        self.n += 1
+
+    def write(self, step, bar):
+        sums = torch.stack(list(self.sums.values()))        # (terms,)
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        means = dict(zip(self.sums, (sums / self.n).tolist()))
+        if not all(map(math.isfinite, means.values())):
+            raise SystemExit(f"loss is {means['loss']} at step {step}: training diverged. {self.path.parent}/ckpt.pt "
+                             "holds the last good checkpoint; resume from it with a lower --lr (or --precision fp32).")
+        rate = self.n * self.args.batch_size / (time.time() - self.t0)
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(step=step, **means, lr=lr_at(step, self.args), img_per_s=rate)) + "\n")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | dict(img_s=f"{rate:.0f}"))
+        self.sums, self.n, self.t0 = {}, 0, time.time()
+
+
+def save_grid(images, path, nrow):
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5)."""
+    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, H, W, _ = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+# ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank):
+    """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
+    then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
+                        model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
+                        opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
+        os.replace(tmp, path)
+
+
+def find_checkpoint(path):
+    """--resume takes a run folder (its ckpt.pt) or a checkpoint file."""
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
+    from disk only when used (get_args reads just the settings)."""
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
+    made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if made_by != SCRIPT:
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def restore(args, raw, ema, opt, num_classes, rank):
+    """Step 0 for a new run. On --resume every piece of state comes back: weights, EMA, Adam moments, the step,
+    this rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it)."""
+    if args.resume is None:
+        return 0, {"epoch": 0, "pos": 0}
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["num_classes"] != num_classes:
+        raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data {num_classes}; "
+                         "resume with the data it was trained on.")
+    raw.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"], dict(ckpt["data"])
+
+
+def init_from(args, raw, ema, opt, num_classes):
+    """--init-from RUN: a NEW run (step 0, data from the start) from RUN's weights, EMA and Adam moments, at any
+    --img-size. The paper's 512 model is its 256 model trained 100k more steps at 512 (official DeCo_XL_512.yaml,
+    started with Lightning's --ckpt_path, which brings the optimizer state too). Nothing in DeCo depends on the
+    image size but the RoPE tables, which are rebuilt from img_size, not saved, so the weights load at any size."""
+    ckpt = load_checkpoint(args.init_from)
+    for key, have in (("config", args.config), ("num_classes", num_classes), ("repa", args.repa)):
+        was = ckpt["args"].get(key) if key == "repa" else ckpt[key]
+        if was != have:
+            raise SystemExit(f"--init-from: that run has {key}={was!r}, this one {have!r}; they must match.")
+    raw.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+
+
+def repa_encoder(args, device, world):
+    """The frozen REPA target (load_dinov2) with --repa, else None; under torchrun one process per machine fills
+    the torch.hub cache before the others read it."""
+    if not args.repa:
+        return None
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not first:
+        dist.barrier()
+    encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
+    if world > 1 and first:
+        dist.barrier()
+    return encoder
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain `python deco.py`:
+    one process on --device. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 10. Command line and main ----
+# ---------------------------------------------------------------------------------------------------------------
+# What `--data NAME` means: the training defaults we use for it (any flag overrides them). The paper trains with a
+# constant lr 1e-4 at batch 256. A folder that is not one of these names gets FOLDER_DEFAULTS.
+# DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly; ffhq128
+# and imagenet keep the paper's 1e-4.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="DeCo-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    # the paper's ImageNet-256 run: XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2)
+    "imagenet": dict(img_size=256, config="DeCo-XL/16", batch_size=256, steps=1_600_000, lr=1e-4, repa=True,
+                     sample_every=10_000, ckpt_every=10_000),
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
+MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
+SAME_RUN = ("config", "img_size", "repa")                                     # a resumed run cannot change these
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args(argv=None):
+    """The run's settings. Each value comes from the command line, else the resumed checkpoint, else the --data
+    preset (DATA_PRESETS), else the defaults below: `--resume RUN` alone continues RUN exactly as it was."""
+    p = argparse.ArgumentParser(description="Train DeCo (Ma et al., arXiv 2511.19365).", formatter_class=Help)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="shapes", help="'shapes' (built in), a folder of images, or NAME for data/NAME")
+    g.add_argument("--img-size", type=int, default=64, help="image side in pixels")
+    g.add_argument("--config", default="DeCo-S/8", help=f"model config: {', '.join(CONFIGS)}")
+    g.add_argument("--unconditional", action=argparse.BooleanOptionalAction, default=False,
+                   help="ignore class subfolders, train one class (FFHQ's folders are not classes)")
+    g = p.add_argument_group("objective: MSE + freq-weight * L_freq + repa-weight * L_REPA")
+    g.add_argument("--freq-weight", type=float, default=FREQ_WEIGHT, help="weight of L_freq (paper's)")
+    g.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="JPEG quality of the L_freq weights")
+    g.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA with frozen DINOv2 ViT-B/14 (paper: on; needs torch.hub or --dinov2-path)")
+    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper's)")
+    g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (offline REPA)")
+    g.add_argument("--label-drop", type=float, help="label dropout for CFG (default: the config's, 0.1; XL 0.2)")
+    g = p.add_argument_group("optimisation (official: AdamW, constant lr 1e-4, batch 256)")
+    g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the GPUs")
+    g.add_argument("--steps", type=int, default=10_000, help="total optimisation steps")
+    g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (paper: 1e-4)")
+    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, reached after a warmup")
+    g = p.add_argument_group("run folder, logging, sampling")
+    g.add_argument("--out", help="run folder (default: runs/deco-DATA; with --resume, the resumed run's)")
+    g.add_argument("--resume", nargs="?", const="", help="continue a run: its folder or ckpt file (alone: --out)")
+    g.add_argument("--init-from", help="start a NEW run from another DeCo run's weights, EMA and optimizer, at any "
+                                       "--img-size (paper: the 512 model continues the 256 one)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.2 at 256)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
+    g = p.add_argument_group("system")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    g.add_argument("--num-workers", type=int, default=default_workers(), help="data loader processes per GPU")
+    g.add_argument("--seed", type=int, default=0, help="global seed")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    args = resolve_args(p, argv)
+    if args.config not in CONFIGS:                      # before its label_drop is read (create_model says the same)
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
+    if args.label_drop is None:                         # the config's: 0.1, 0.2 for XL (official yamls)
+        args.label_drop = CONFIGS[args.config]["label_drop"]
+    return args
+
+
+def resolve_args(p, argv):
+    """Parse argv with p's defaults overridden, in this order, by the --data preset, then the resumed checkpoint's
+    settings (flags still win). Then the derived values: the checkpoint path, the run folder, and compile + bf16
+    by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
+    first, saved = known(), {}
+    if first.resume is not None:
+        first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
+        saved = {k: v for k, v in load_checkpoint(first.resume)["args"].items() if k in vars(first)}
+        saved = {k: v for k, v in saved.items() if k not in MACHINE}
+        p.set_defaults(**saved)                                  # so that the preset is the run's --data's
+    p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
+    args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    for key in SAME_RUN:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+    args.resume = first.resume
+    args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
+
+
+def main(argv=None, encoder=None):
+    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
+    args = get_args(argv)
+    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+
+    # Setup processes and devices: one process per GPU under torchrun, else one process on --device.
+    rank, world, device = setup_distributed(args)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # for what still runs in fp32
+    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None   # before the data
+
+    # Setup data: the class count comes from it (1 for FFHQ or a flat folder, 1000 for ImageNet).
+    dataset = make_dataset(args)
+    num_classes = len(dataset.classes)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
+
+    # Setup model, EMA, optimizer, and on --resume all of their state (--init-from: the weights of another run).
+    raw, ema, opt = build(args, num_classes, device)
+    step, data_state = restore(args, raw, ema, opt, num_classes, rank)
+    if args.init_from and args.resume is None:
+        init_from(args, raw, ema, opt, num_classes)
+    ema.warmup = not args.init_from                     # a run started --init-from continues that EMA at its decay
+    model = compile_and_wrap(raw, args, device, ddp=world > 1)
+    batches = make_batches(dataset, args, rank, world, device, data_state)
+    run = Path(args.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        print(f"{args.config} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, freq {args.freq_weight} "
+              f"q{args.jpeg_quality}, repa {args.repa_weight if args.repa else 'off'}) on {len(dataset)} images, "
+              f"{num_classes} classes, {world} x {device.type}, batch {args.batch_size}, lr {args.lr:.1e}, "
+              f"{args.precision}, compile={args.compile} -> {run}")
+    gen = torch.Generator().manual_seed(1234)           # fixed grid noise and labels: successive grids compare
+    grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
+
+    # Training loop.
+    log = LossLog(run / "log.jsonl", args, world, rank)
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
+    while step < args.steps:
+        x, y = next(batches)                            # (B/world, 3, H, W) uint8, (B/world,) long, on the device
+        step += 1
+        log.add(train_step(model, ema, opt, x, y, step, args, encoder))
+        bar.update(1)
+        save = step % args.ckpt_every == 0 or step == args.steps
+        if step % args.log_every == 0 or save:
+            log.write(step, bar)                        # before any save: a NaN run stops, never checkpointed
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
+            images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+            save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+        if save:
+            save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix. Built-in data: `--data shapes` ----
+# ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python deco.py` runs with no download: one coloured shape (the class) on a
     two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
-    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled.
-    (The same data as the other scripts, so their runs on it compare.)"""
+    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
     classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
 
     def __init__(self, size, n=20_000):
@@ -765,436 +1200,6 @@ class Shapes(torch.utils.data.Dataset):
                 draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
         img = img.resize((self.size, self.size), resample=Image.LANCZOS)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
-
-
-def resolve_data(name):
-    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
-    if name == "shapes":
-        return "shapes", None
-    if Path(name).is_dir():
-        return "folder", Path(name)
-    if Path("data", name).is_dir():
-        return "folder", Path("data", name)
-    if name in DATA_HELP:
-        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
-    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
-
-
-def make_dataset(args):
-    kind, path = resolve_data(args.data)
-    if kind == "shapes":
-        return Shapes(args.img_size)
-    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
-    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def batches(loader, data_state):
-    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
-    while True:
-        loader.sampler.set_epoch(data_state["epoch"])
-        loader.sampler.skip = data_state["pos"] * loader.batch_size
-        for batch in loader:
-            data_state["pos"] += 1
-            yield batch
-        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 9. Training (paper: implementation details; official lightning_model.py, simple_ema.py) ----
-# ---------------------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
-    DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
-    For the paper's long runs this is the paper's 0.9999 after ~90k steps;
-    for a 10k-step run a fixed 0.9999 would still be mostly the random init, and the
-    sample grids would show noise. warmup=False continues a loaded EMA at the fixed decay (--init-from: the
-    official 512px run continues its 256px EMA at 0.9999)."""
-
-    def __init__(self, model, decay, warmup=True):
-        self.decay, self.warmup = decay, warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.src = list(model.parameters())
-        self.dst = list(self.model.parameters())
-
-    @torch.no_grad()
-    def update(self, step):
-        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
-
-
-def unwrap(model):
-    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def build(args, num_classes, device):
-    """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
-    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
-    ema = EMA(raw, args.ema)
-    # Paper: AdamW, lr 1e-4 constant (no warmup, no decay), default betas (0.9, 0.999), no weight decay.
-    # fused=True: one kernel for all parameters on CUDA. No grad clipping (official class-conditional runs).
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
-                            fused=device.type == "cuda")
-    return raw, ema, opt
-
-
-def model_kwargs(args):
-    """create_model overrides of this run, saved in the checkpoint: the REPA projector exists only with --repa."""
-    return dict(repa_dim=REPA_DIM) if args.repa else {}
-
-
-def compile_and_wrap(raw, args, device, ddp=False):
-    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
-    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
-    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    return torch.compile(model) if args.compile else model
-
-
-def train_step(model, ema, opt, x, y, step, args, encoder=None, stats=None):
-    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
-    encoder: the frozen REPA encoder (with --repa) or None. stats: optional dict; the detached loss terms are
-    added to it (for the log). Returns the loss as a 0-dim tensor without reading it (no host sync)."""
-    x = x.float() / 127.5 - 1.0                        # uint8 [0, 255] -> [-1, 1], on device. No flip (official)
-    raw = unwrap(model)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
-        loss, terms = flow_loss(model, x, y, raw.num_classes, args.label_drop, args.freq_weight,
-                                args.jpeg_quality, encoder=encoder, repa_weight=args.repa_weight)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    ema.update(step)
-    if stats is not None:
-        for k, v in terms.items():
-            stats[k] = stats.get(k, 0.0) + v
-    return loss.detach()
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def find_checkpoint(path):
-    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
-    return path
-
-
-def load_checkpoint(path):
-    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
-                         f"resume it with {made_by}.py or start a new run with another --out.")
-    return ckpt
-
-
-def save_grid(images, path, nrow):
-    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5) (official)."""
-    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    n, H, W, _ = imgs.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
-    Image.fromarray(grid).save(path)
-
-
-def default_workers():
-    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Speed: decoding and ADM-cropping
-    one ImageNet JPEG takes ~3.7 ms on one core (README, "Data"), so ~270 img/s per worker: JiT-B/16's 2,400 img/s
-    target on one GPU needs 9 or more of them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
-
-def get_args(argv=None, ckpt=None):
-    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
-    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
-    p = argparse.ArgumentParser(description="Train DeCo (Ma et al., arXiv 2511.19365).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # -- data and model
-    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
-    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
-    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
-    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
-                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
-    # -- objective (the paper's total loss; each weight is one of its ablations)
-    p.add_argument("--freq-weight", type=float, help="weight of the frequency-aware loss L_freq (paper: 1.0)")
-    p.add_argument("--jpeg-quality", type=int, help="JPEG quality of the L_freq weights (paper: 85)")
-    p.add_argument("--repa", action=argparse.BooleanOptionalAction,
-                   help="REPA with frozen DINOv2 ViT-B/14 (paper: on; needs torch.hub or --dinov2-path)")
-    p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
-    p.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (offline REPA)")
-    p.add_argument("--label-drop", type=float, help="label dropout for CFG (default: the config's, 0.1; XL 0.2)")
-    # -- optimisation
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs (paper: 256)")
-    p.add_argument("--steps", type=int, help="total optimisation steps")
-    p.add_argument("--lr", type=float, help="constant learning rate (paper: 1e-4)")
-    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
-    # -- run folder, logging, sampling
-    p.add_argument("--out", help="run folder (default runs/deco-DATA)")
-    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
-    p.add_argument("--init-from", help="start a NEW run from another DeCo run's weights, EMA and optimizer, at any "
-                                       "--img-size (paper: the 512 model continues the 256 one)")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
-    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
-    p.add_argument("--cfg", type=float, help="CFG scale for the grids (default: the paper's, 3.2 at 256)")
-    p.add_argument("--sample-steps", type=int, help="sampler steps for the grids (paper: 100 Euler)")
-    # -- system
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--num-workers", type=int, help="data loader processes per GPU (default: cores per GPU - 1)")
-    p.add_argument("--seed", type=int, help="global seed")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
-    args = p.parse_args(argv)
-
-    saved = ckpt["args"] if ckpt else {}
-    data = args.data or saved.get("data") or "shapes"
-    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
-    defaults = dict(data="shapes", img_size=256, config="DeCo-L/16", unconditional=False,
-                    freq_weight=1.0, jpeg_quality=85, repa=False, repa_weight=0.5, dinov2_path=None,
-                    label_drop=None, init_from=None, batch_size=128, steps=100_000, lr=1e-4, ema=0.9999, out=None,
-                    ckpt_every=5000, sample_every=5000, log_every=50, cfg=None, sample_steps=None, compile=None,
-                    precision=None, num_workers=default_workers(), seed=0, device=None)
-    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
-    for key, default in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
-    if args.resume and not args.out:                                    # resume writes where the checkpoint is
-        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
-    if args.config not in CONFIGS:
-        raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
-    if args.label_drop is None:
-        args.label_drop = CONFIGS[args.config]["label_drop"]
-    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    return args
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python deco.py`: one
-    process on --device. Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and args.device != "cpu":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def check_compatible(args, ckpt):
-    """A checkpoint continues only the run it came from: same script (checked on load), config, size, REPA."""
-    for key in ("config", "img_size", "repa"):
-        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
-            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
-                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 10. main ----
-# ---------------------------------------------------------------------------------------------------------------
-def main(argv=None, encoder=None):
-    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, see load_dinov2): tests only."""
-    args = get_args(argv)
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(find_checkpoint(args.resume or args.out))
-        args = get_args(argv, ckpt)
-        check_compatible(args, ckpt)
-    elif (Path(args.out) / "ckpt.pt").exists():
-        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
-
-    rank, world, device = setup_distributed(args)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
-                         "use a multiple.")
-    if args.img_size % CONFIGS[args.config]["patch"]:
-        raise SystemExit(f"--img-size {args.img_size} is not a multiple of the patch size of {args.config}.")
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
-    torch.backends.cudnn.allow_tf32 = True
-
-    # REPA's encoder first, so a missing DINOv2 stops the run before any data is read.
-    if args.repa and encoder is None:
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0       # one process per machine fills the hub cache
-        if world > 1 and not first:
-            dist.barrier()
-        encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
-        if world > 1 and first:
-            dist.barrier()
-    encoder = encoder if args.repa else None
-
-    dataset = make_dataset(args)
-    num_classes = len(dataset.classes)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    raw, ema, opt = build(args, num_classes, device)
-    ema.warmup = not args.init_from                             # a run started --init-from continues its EMA
-    step, data_state = 0, {"epoch": 0, "pos": 0}
-    if ckpt:
-        if ckpt["num_classes"] != num_classes:
-            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
-                             f"{num_classes}; resume with the data it was trained on.")
-        raw.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:                          # the state dict brings back the old lr: use --lr
-            group["lr"] = args.lr
-        step, data_state = ckpt["step"], dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        del ckpt
-    elif args.init_from:
-        # Paper / official DeCo_XL_512.yaml: the 512 model is the 256 model trained 100k more steps at 512.
-        # Nothing in DeCo depends on the image size but the RoPE tables, which are rebuilt (not saved), so the
-        # weights load at any size. The optimizer state comes along (Lightning's --ckpt_path does the same);
-        # the step count and the data position start at 0.
-        init = load_checkpoint(args.init_from)
-        for key, have in (("config", args.config), ("num_classes", num_classes), ("repa", args.repa)):
-            was = init["args"].get(key) if key == "repa" else init[key]
-            if was != have:
-                raise SystemExit(f"--init-from: that run has {key}={was!r}, this one {have!r}; they must match.")
-        raw.load_state_dict(init["model"])
-        ema.model.load_state_dict(init["ema"])
-        opt.load_state_dict(init["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-        del init
-    model = compile_and_wrap(raw, args, device, ddp=world > 1)
-
-    # -- Loader: uint8 images from worker processes into pinned memory, copied asynchronously (non_blocking) to
-    #    the GPU, where train_step normalises them. persistent_workers keeps the workers alive across epochs.
-    local_batch = args.batch_size // world
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
-                                                              # one, or a resumed run would diverge from the original
-    data = batches(loader, data_state)
-
-    run = Path(args.out)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.config} ({n_params / 1e6:.1f}M params{' incl. REPA projector' if args.repa else ''}) on "
-              f"{len(dataset)} images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, "
-              f"lr {args.lr:.1e}, freq {args.freq_weight} (q{args.jpeg_quality}), "
-              f"repa {args.repa_weight if args.repa else 'off'}, {args.precision}, compile={args.compile} -> {run}")
-    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
-    gen = torch.Generator().manual_seed(1234)
-    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
-    grid_y = torch.arange(64) % num_classes
-
-    def log_and_check(loss_sum, stats, n, t0):
-        """The only host sync: read the mean losses of the last n steps, stop on NaN/inf, write log.jsonl."""
-        sums = torch.stack([loss_sum, stats["mse"], stats["freq"], stats["repa"]])
-        if world > 1:
-            dist.all_reduce(sums)
-            sums /= world
-        loss, mse, freq, repa = (sums / n).tolist()
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
-                             "checkpoint; resume from it with a lower --lr (or --precision fp32).")
-        rate = n * args.batch_size / (time.time() - t0)
-        if rank == 0:
-            with open(run / "log.jsonl", "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, mse=mse, freq=freq, repa=repa, lr=args.lr,
-                                        img_per_s=rate)) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", mse=f"{mse:.4f}", freq=f"{freq:.4f}", img_s=f"{rate:.0f}")
-
-    def fresh():                                                # accumulators of the current log window
-        zero = torch.zeros((), device=device)
-        return zero.clone(), dict(mse=zero.clone(), freq=zero.clone(), repa=zero.clone()), 0, time.time()
-
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
-    loss_sum, stats, n, t0 = fresh()
-    try:
-        while step < args.steps:
-            x, y = next(data)
-            step += 1
-            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
-                                   y.to(device, non_blocking=True), step, args, encoder, stats)
-            n += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-                log_and_check(loss_sum, stats, n, t0)           # before any save: never checkpoint a NaN
-                loss_sum, stats, n, t0 = fresh()
-            if step % args.sample_every == 0 or step == args.steps:
-                if rank == 0:
-                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
-                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                rngs = [None] * world
-                if world > 1:
-                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
-                else:
-                    rngs = [rng_state()]
-                if rank == 0:
-                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
-                                     num_classes=num_classes, model_kwargs=model_kwargs(args),
-                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)), run / "ckpt.pt")
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
-                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
-    bar.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return run
 
 
 if __name__ == "__main__":

@@ -764,7 +764,7 @@ def test_deco_overfit_one_batch():
     raw, ema, opt = deco.build(args, 8, torch.device("cpu"))
     x = deco.Shapes(32)[0][0][None].expand(4, -1, -1, -1).contiguous()     # uint8 (4, 3, 32, 32)
     y = torch.zeros(4, dtype=torch.long)
-    losses = [deco.train_step(raw, ema, opt, x, y, s, args).item() for s in range(1, 81)]
+    losses = [deco.train_step(raw, ema, opt, x, y, s, args)["loss"].item() for s in range(1, 81)]
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5]), losses
 
 
