@@ -521,7 +521,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 7. Standard DiT parts (the same text as pixeldit.py's and pixnerd.py's; DIFF: where DeCo's differ) ----
+# ---- 7. Standard DiT parts (the same text as in pixeldit.py and pixnerd.py; notes where DeCo's code differs) ----
 # ---------------------------------------------------------------------------------------------------------------
 # DIFF: the official RMSNorm (LlamaRMSNorm) casts the normalised x back to the input dtype, THEN multiplies by the
 # fp32 gain (an fp32 result under bf16 autocast); we apply the gain in fp32 and cast once: identical in fp32, one
