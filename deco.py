@@ -4,20 +4,18 @@ DeCo: "DeCo: Frequency-Decoupled Pixel Diffusion for End-to-End Image Generation
 
 The idea in five lines:
   1. A DiT on 16x16 pixel patches sees only patch tokens, so let it model the LOW frequencies (semantics).
-  2. A tiny attention-free pixel decoder (3 blocks, width 32) runs on EVERY pixel of the noisy image and
-     predicts the velocity, including the HIGH-frequency detail the DiT no longer has to carry.
+  2. A tiny attention-free pixel decoder (3 blocks, width 32) runs on EVERY pixel of the noisy image and predicts
+     the velocity, including the HIGH-frequency detail the DiT no longer has to carry.
   3. The decoder is modulated pixel by pixel (AdaLN) by the DiT output of the pixel's patch.
   4. Training adds a frequency-aware flow-matching loss: 8x8 block DCT of YCbCr velocities, each frequency weighted
      by the inverse JPEG quantisation step, so the visually salient frequencies count most.
-  5. REPA (align DiT block 8 with DINOv2 features) as in the paper; Euler 100 steps + CFG for sampling.
+  5. REPA (DiT block 8 aligned with DINOv2 features) as in the paper; Euler, 100 steps, CFG for sampling.
+Start reading at `PixelDecoder` (then `frequency_loss`).
 
-Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 noise, t=1 data; the model predicts v = x - e.
-(The paper writes the reversed convention, x_t = (1-t)*x0 + t*x1 with x1 noise; the official code uses ours.)
-Where the paper and the official code disagree we follow the code and say so (time convention, rounding of the
-JPEG tables, decoder normalisation, label dropout of the XL configs).
-
-Shapes: B batch, C=3 channels, H=W image size, p patch (16), N=(H/p)^2 DiT tokens, D DiT width,
-P=p*p pixels per patch, d decoder width (32), K=8 DCT block size.
+Time: z_t = t*x + (1-t)*e, t=0 noise, t=1 data (all our scripts); the model predicts v = dz/dt = x - e. (The paper
+writes the reversed convention, x_t = (1-t)*x0 + t*x1 with x1 the noise; the official code uses ours.)
+Shapes: B batch, C=3 channels, H=W image size, p patch (16), N=(H/p)^2 DiT tokens, D DiT width, P=p*p pixels per
+patch, d decoder width (32), K=8 DCT block size.
 
     python deco.py                                    # built-in shapes data, DeCo-S/8 at 64px, minutes on one GPU
     python deco.py --data ffhq128                     # FFHQ thumbnails in data/ffhq128, DeCo-L/16
@@ -25,7 +23,8 @@ P=p*p pixels per patch, d decoder width (32), K=8 DCT block size.
     torchrun --nproc_per_node=8 deco.py --data imagenet --img-size 512 --steps 100000 \
         --init-from runs/deco-imagenet --out runs/deco-imagenet512   # the paper's 512 model, from the 256 one
     python sample.py runs/deco-shapes --grid grid.png # sample a checkpoint (sample.py)
-Differences from the official code: grep "DIFF:".
+Where the paper and the official code disagree we follow the code and say so (time convention, rounding of the JPEG
+tables, decoder normalisation, label dropout of the XL configs). Differences from the official code: grep "DIFF:".
 """
 import argparse
 import copy
@@ -34,6 +33,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -50,7 +50,7 @@ from tqdm import tqdm
 SCRIPT = "deco"
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 1. Configs (paper: experiments / implementation details; official configs_c2i/DeCo_*.yaml) ----
+# ---- 1. Configs (official configs_c2i/DeCo_large.yaml, DeCo_XL.yaml, DeCo_XL_512.yaml) ----
 # ---------------------------------------------------------------------------------------------------------------
 # depth/width/heads: the DiT trunk ("num_cond_blocks", "hidden_size", "num_groups" in the official yaml).
 # dec_depth/dec_width: the pixel decoder (official: num_blocks - num_cond_blocks = 3, hidden_size_x = 32).
@@ -66,7 +66,7 @@ CONFIGS = {
                        label_drop=0.2),
     # Ours, not in the paper: DiT-S-sized trunk (12 x 384, as the other scripts' small configs) with patch 8 for
     # the built-in 64px `shapes` data (8 x 8 tokens), the paper's 3 x 32 decoder, REPA at block 4 (about 1/3 of the
-    # depth, like 8 of 22). 33M params with 8 classes. Learns visibly in minutes on one GPU.
+    # depth, like 8 of 22). 33M params with 8 classes.
     "DeCo-S/8": dict(depth=12, width=384, heads=6, patch=8, dec_depth=3, dec_width=32, repa_layer=4,
                      label_drop=0.1),
     # Tests only: a forward+backward at 32px takes a few ms on a CPU.
@@ -74,152 +74,9 @@ CONFIGS = {
 }
 MODEL_KEYS = ("depth", "width", "heads", "patch", "dec_depth", "dec_width", "repa_layer")  # -> DeCo(...)
 
-# What `--data NAME` means: image size and the training defaults we use for it. Every value can be overridden on
-# the command line. The paper trains with a constant lr 1e-4 at batch 256.
-# DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly; ffhq128
-# and imagenet keep the paper's 1e-4.
-DATA_PRESETS = {
-    "shapes": dict(img_size=64, config="DeCo-S/8", batch_size=128, steps=10_000, lr=2e-4,
-                   sample_every=1000, ckpt_every=1000),
-    "ffhq128": dict(img_size=128, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
-                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    # the paper's ImageNet-256 run: XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2)
-    "imagenet": dict(img_size=256, config="DeCo-XL/16", batch_size=256, steps=1_600_000, lr=1e-4, repa=True,
-                     sample_every=10_000, ckpt_every=10_000),
-}
-FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
-                       sample_every=5000, ckpt_every=5000)
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. Building blocks of the DiT trunk (identical to PixNerd's, which DeCo forks) ----
-# ---------------------------------------------------------------------------------------------------------------
-def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift (DiT)."""
-    return x * (1 + scale) + shift
-
-
-def patchify(x, p):                                   # (B, C, H, W) -> (B, N, C*p*p)
-    """Channel-major patches, the layout of F.unfold (official code): feature index = c*p*p + i*p + j."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)         # (B, C, h, p, w, p)
-    x = x.permute(0, 2, 4, 1, 3, 5)                   # (B, h, w, C, p, p): channel slowest
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def unpatchify(x, p, H, W):                           # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
-    B, N, _ = x.shape
-    x = x.reshape(B, H // p, W // p, -1, p, p)        # (B, h, w, C, p, p)
-    x = x.permute(0, 3, 1, 4, 2, 5)                   # (B, C, h, p, w, p)
-    return x.reshape(B, -1, H, W)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a learnable gain, eps 1e-6, normalised in fp32 (official LlamaRMSNorm)."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        x_norm = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps), in fp32
-        return self.weight * x_norm.to(x.dtype)       # back to the input dtype, then the gain (official order)
-
-
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> 256 sinusoids [cos | sin] with max_period 10 (not DiT's 10000: t is not in [0, 1000])
-    -> MLP 256 -> D -> D with SiLU."""
-
-    def __init__(self, dim, freq_dim=256, max_period=10.0):
-        super().__init__()
-        self.freq_dim, self.max_period = freq_dim, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):                             # (B,) -> (B, D)
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # (half,)
-        args = t.float()[:, None] * freqs[None]       # (B, half)
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
-
-
-def rope_2d(h, w, head_dim, theta=1e4, scale=16.0):  # -> cos, sin: (N, head_dim/2)
-    """2D RoPE angles of the official code. Positions are linspace(0, 16, n) along each axis (so the grid spans
-    [0, 16] at ANY resolution), frequencies theta^(-4k/head_dim), k < head_dim/4. Channel pairs alternate axes:
-    pair 2k (channels 4k, 4k+1) rotates with x, pair 2k+1 (channels 4k+2, 4k+3) with y."""
-    freqs = theta ** (-torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim)  # (head_dim/4,)
-    y, x = torch.meshgrid(torch.linspace(0, scale, h), torch.linspace(0, scale, w), indexing="ij")  # (h, w)
-    ax = x.reshape(-1, 1) * freqs                     # (N, head_dim/4) x angles
-    ay = y.reshape(-1, 1) * freqs                     # (N, head_dim/4) y angles
-    ang = torch.stack([ax, ay], dim=-1).reshape(h * w, head_dim // 2)  # (N, head_dim/2): x, y, x, y, ...
-    return ang.cos(), ang.sin()
-
-
-def apply_rope(q, cos, sin):                          # q (B, heads, N, hd), cos/sin (N, hd/2)
-    """Rotate each channel pair (2i, 2i+1) as the complex number q[2i] + i*q[2i+1], in fp32 (official)."""
-    qf = q.float().unflatten(-1, (-1, 2))             # (B, heads, N, hd/2, 2)
-    q0, q1 = qf[..., 0], qf[..., 1]                   # (B, heads, N, hd/2) each
-    out = torch.stack([q0 * cos - q1 * sin, q0 * sin + q1 * cos], dim=-1)
-    return out.flatten(-2).type_as(q)                 # (B, heads, N, hd)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: qkv without bias, per-head qk-RMSNorm, then 2D RoPE, proj with bias."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm, self.k_norm = RMSNorm(dim // heads), RMSNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, cos, sin):                   # (B, N, D) -> (B, N, D)
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)           # 3 x (B, heads, N, hd)
-        q = apply_rope(self.q_norm(q), cos, sin)      # norm THEN rope (official order)
-        k = apply_rope(self.k_norm(k), cos, sin)
-        # Speed: F.scaled_dot_product_attention runs flash attention on CUDA in bf16 (fp32 softmax accumulator):
-        # the (N, N) score matrix is never stored, so memory is O(N). The norms' fp32 gain makes q, k fp32 under
-        # autocast; .to(v.dtype) brings them back to bf16, since the flash kernel needs q, k, v of one dtype.
-        x = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, heads, N, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU MLP without biases; hidden = int(2/3 * 4D) (LLaMA; official FeedForward)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        hidden = int(2 * (4 * dim) / 3)               # 2730 for D=1024, 3072 for D=1152
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class DiTBlock(nn.Module):
-    """Pre-RMSNorm transformer block with adaLN (shift, scale, gate for attention, then for the MLP).
-    Note: the official code keeps PyTorch's default init here; adaLN is NOT zero-initialised."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.mlp = SwiGLU(dim)
-        self.adaLN = nn.Linear(dim, 6 * dim)
-
-    def forward(self, x, c, cos, sin):                # x (B, N, D), c (B, 1, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x (B, 1, D)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
-        return x
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The pixel decoder (paper: method, "pixel decoder"; official SimpleMLPAdaLN + NerfEmbedder) ----
+# ---- 2. The "lightweight pixel decoder" (paper abstract; official SimpleMLPAdaLN + NerfEmbedder) ----
 # ---------------------------------------------------------------------------------------------------------------
 # The decoder is the point of the paper. Step by step, for each of the N patches (all B*N patches at once):
 #   a. Every pixel becomes a token: its noisy RGB value plus 64 patch-local "DCT" position features (the cosine
@@ -233,20 +90,39 @@ class DiTBlock(nn.Module):
 # No operation mixes pixels: every op is per pixel except (b), which only reads the pixel's own patch token.
 # So pixels of different patches never interact inside the decoder (tested), and the decoder costs ~7 GFLOPs per
 # 256px image. The official yaml's decoder "patch_size" only sizes step (b) (Zehong-Ma/DeCo#1, #6).
-def dct_position_features(p, max_freqs=8):            # -> (P, max_freqs^2)
-    """PixNerd's patch-local cosine features: local coordinates linspace(0, 1, p), frequencies
-    linspace(0, 8, 8) (not integers: 0, 8/7, 16/7, ... 8, as officially), feature[fx*8 + fy] =
-    cos(pi*x*fx) * cos(pi*y*fy) / (1 + fx*fy). Pixel order = row-major inside the patch, as patchify."""
-    y, x = torch.meshgrid(torch.linspace(0, 1, p), torch.linspace(0, 1, p), indexing="ij")  # (p, p)
-    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)   # (P, 1, 1)
-    f = torch.linspace(0, max_freqs, max_freqs)
-    fx, fy = f[None, :, None], f[None, None, :]       # (1, 8, 1), (1, 1, 8)
-    feat = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)  # (P, 8, 8)
-    return feat.reshape(p * p, max_freqs ** 2)
+class PixelDecoder(nn.Module):
+    """Noisy patches zp (B, N, C*P) + DiT condition s (B, N, D) -> velocity patches (B, N, C*P), channel-major."""
+
+    def __init__(self, D, p, d, depth, in_ch=3, max_freqs=8):
+        super().__init__()
+        self.p, self.d = p, d
+        self.register_buffer("pos", dct_position_features(p, max_freqs), persistent=False)  # (P, 64)
+        self.x_embed = nn.Linear(in_ch + max_freqs ** 2, d)  # (a) 67 -> d (official NerfEmbedder; default init)
+        self.input_proj = nn.Linear(d, d)                    # (a) d -> d
+        self.cond_embed = nn.Linear(D, p * p * d)            # (b) the "up-sampling": D -> P*d
+        self.blocks = nn.ModuleList([DecoderBlock(d) for _ in range(depth)])              # (c)
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)                # (d)
+        self.linear_out = nn.Linear(d, in_ch)
+
+    def forward(self, zp, s):                                            # zp (B, N, C*P), s (B, N, D)
+        B, N, CP = zp.shape
+        P = self.p * self.p
+        C = CP // P
+        x = zp.reshape(B, N, C, P).transpose(2, 3)                       # (B, N, P, C): one RGB token per pixel
+        # (a) x_embed(concat[rgb, pos]) written as W_rgb @ rgb + (W_pos @ pos + b): the same Linear(67 -> d) and
+        # the same weights, without materialising a (B, N, P, 67) concat (the position half is (P, d), shared).
+        W = self.x_embed.weight                                          # (d, C + 64)
+        x = F.linear(x, W[:, :C]) + F.linear(self.pos, W[:, C:], self.x_embed.bias)  # (B, N, P, d)
+        x = self.input_proj(x)                                           # (B, N, P, d)
+        cond = self.cond_embed(s).reshape(B, N, P, self.d)               # (b) (B, N, D) -> (B, N, P, d)
+        for block in self.blocks:                                        # (c)
+            x = block(x, cond)                                           # (B, N, P, d)
+        x = self.linear_out(self.norm_out(x))                            # (d) (B, N, P, C)
+        return x.transpose(2, 3).reshape(B, N, CP)                       # (B, N, C*P) channel-major, as zp
 
 
 class DecoderBlock(nn.Module):
-    """Attention-free residual MLP block with per-pixel AdaLN (official ResBlock)."""
+    """Step (c): attention-free residual MLP block with per-pixel AdaLN (official ResBlock)."""
 
     def __init__(self, d):
         super().__init__()
@@ -255,44 +131,120 @@ class DecoderBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
 
-    def forward(self, x, cond):                       # x, cond: (B, N, P, d)
-        shift, scale, gate = self.adaLN(cond).chunk(3, dim=-1)  # 3 x (B, N, P, d): one set PER PIXEL
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+    def forward(self, x, cond):                                          # x, cond: (B, N, P, d)
+        shift, scale, gate = self.adaLN(cond).chunk(3, dim=-1)           # 3 x (B, N, P, d): one set PER PIXEL
+        # modulate() inline: the shift and scale here are per pixel, not one (B, D) pair per image
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)   # (B, N, P, d)
 
 
-class PixelDecoder(nn.Module):
-    def __init__(self, D, p, d, depth, in_ch=3, max_freqs=8):
-        super().__init__()
-        self.p, self.d = p, d
-        self.register_buffer("pos", dct_position_features(p, max_freqs), persistent=False)  # (P, 64)
-        self.x_embed = nn.Linear(in_ch + max_freqs ** 2, d)  # 67 -> d (official NerfEmbedder; default init)
-        self.input_proj = nn.Linear(d, d)
-        self.cond_embed = nn.Linear(D, p * p * d)      # the "up-sampling" of step (b): D -> P*d
-        self.blocks = nn.ModuleList([DecoderBlock(d) for _ in range(depth)])
-        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.linear_out = nn.Linear(d, in_ch)
-
-    def forward(self, zp, s):                         # zp (B, N, C*P) noisy patches, s (B, N, D) -> (B, N, C*P)
-        B, N, CP = zp.shape
-        P = self.p * self.p
-        C = CP // P
-        x = zp.reshape(B, N, C, P).transpose(2, 3)     # (B, N, P, C): one RGB token per pixel
-        # (a) x_embed(concat[rgb, pos]) written as W_rgb @ rgb + (W_pos @ pos + b): the same Linear(67 -> d) and
-        # the same weights, without materialising a (B, N, P, 67) concat (the position half is (P, d), shared).
-        W = self.x_embed.weight                        # (d, C + 64)
-        x = F.linear(x, W[:, :C]) + F.linear(self.pos, W[:, C:], self.x_embed.bias)  # (B, N, P, d)
-        x = self.input_proj(x)                                           # (B, N, P, d)
-        cond = self.cond_embed(s).reshape(B, N, P, self.d)               # (b) (B, N, P, d)
-        for block in self.blocks:                                        # (c)
-            x = block(x, cond)                                           # (B, N, P, d)
-        x = self.linear_out(self.norm_out(x))                            # (d) (B, N, P, C)
-        return x.transpose(2, 3).reshape(B, N, CP)                       # (B, N, C*P) channel-major
+def dct_position_features(p, max_freqs=8):                              # -> (P, max_freqs^2)
+    """Step (a)'s position code, PixNerd's patch-local cosine features: local coordinates linspace(0, 1, p),
+    frequencies linspace(0, 8, 8) (not integers: 0, 8/7, 16/7, ... 8, as officially), feature[fx*8 + fy] =
+    cos(pi*x*fx) * cos(pi*y*fy) / (1 + fx*fy). Pixel order = row-major inside the patch, as patchify."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, p), torch.linspace(0, 1, p), indexing="ij")  # (p, p)
+    x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                     # (P, 1, 1)
+    f = torch.linspace(0, max_freqs, max_freqs)
+    fx, fy = f[None, :, None], f[None, None, :]                         # (1, 8, 1), (1, 1, 8)
+    feat = torch.cos(math.pi * x * fx) * torch.cos(math.pi * y * fy) / (1 + fx * fy)  # (P, 8, 8)
+    return feat.reshape(p * p, max_freqs ** 2)                          # (P, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 4. The model: DiT trunk on patches -> pixel decoder (paper: method overview) ----
+# ---- 3. The "frequency-aware flow-matching loss" (paper abstract, tables in Fig. 8; official
+# ----    src/diffusion/flow_matching/training_repa_DeCo.py) ----
+# ---------------------------------------------------------------------------------------------------------------
+# L_freq = E[ w * (DCT(YCbCr(v_pred)) - DCT(YCbCr(v)))^2 ]
+#   YCbCr: Y = .299R + .587G + .114B, Cb = -.168736R - .331264G + .5B, Cr = .5R - .418688G - .081312B (JPEG,
+#          no +128 offsets: they cancel in a difference anyway).
+#   DCT:   every 8x8 block X of each channel -> F = D X D^T, with the orthonormal DCT-II matrix
+#          D[k, n] = a_k cos(pi (2n + 1) k / 16), a_0 = sqrt(1/8), a_k = sqrt(2/8) = 1/2. Row index = vertical
+#          frequency u, column = horizontal frequency v, the layout of the JPEG tables.
+#   w:     JPEG quantisation table Q at quality q (luma for Y, chroma for Cb and Cr), w = (1/Q) / mean_64(1/Q):
+#          a small step = a frequency JPEG keeps = a perceptually important one = a large weight.
+# The paper's ablations: weight 1 (0.5 and 2 are worse), quality 85 (50 about the same, 100 = no weighting worse).
+FREQ_WEIGHT = 1.0   # weight of L_freq in the total loss (paper, official)
+JPEG_QUALITY = 85   # quality of the tables the weights come from (paper, official)
+YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+JPEG_LUMA = (  # ITU-T T.81 Annex K, Table K.1
+    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55), (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62), (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))
+JPEG_CHROMA = (  # Table K.2
+    (17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99), (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99), *[(99,) * 8] * 4)
+
+
+def frequency_loss(v_pred, v, quality=JPEG_QUALITY):
+    """L_freq for (B, 3, H, W) velocities, H and W multiples of 8: mean over batch, channel, block, u, v of
+    w[c, u, v] * (F_pred - F)^2."""
+    assert v.shape[-1] % 8 == 0 and v.shape[-2] % 8 == 0, "frequency_loss needs H, W multiples of 8"
+    w = _frequency_weights_on(int(quality), v.device)                   # (3, K, K) fp32
+    # DIFF: the official code transforms v_pred and v separately, then subtracts, in bf16 under autocast. YCbCr and
+    # DCT are linear, so we transform the difference once (same value, half the work), and in fp32 so the loss
+    # does not depend on the bf16 rounding of two nearly equal sets of coefficients.
+    with torch.autocast(v.device.type, enabled=False):
+        coef = block_dct(rgb_to_ycbcr(v_pred.float() - v.float()))      # (B, 3, H/8, W/8, K, K)
+        return (w[:, None, None] * coef.square()).mean()                # w broadcast over the blocks
+
+
+def frequency_weights(quality=JPEG_QUALITY):                            # -> (3, K, K) float64: w_Y, w_Cb, w_Cr
+    """w = (1/Q) / mean(1/Q) per channel; the official 'inv_gamma' mode with gamma 1 is the same number."""
+    inv = [1 / jpeg_table(JPEG_LUMA, quality), 1 / jpeg_table(JPEG_CHROMA, quality)]
+    w_y, w_c = [w / w.mean() for w in inv]
+    return torch.stack([w_y, w_c, w_c])
+
+
+def jpeg_table(base, quality):                                          # -> (K, K) float64
+    """libjpeg's quality scaling as the official code writes it: scale = 5000/q (q < 50) or 200 - 2q, then
+    Q = clamp(floor((base * scale + 50) / 100), 1, 255). At q = 85: scale 30, e.g. 16 -> floor(5.3) = 5.
+    Note: the paper's Fig. 8 shows truncated values (floor(base * scale / 100)); the code rounds. We follow the
+    code. (For q < 50 it also keeps 5000/q as a float where libjpeg divides integers.)"""
+    q = max(1, min(100, int(quality)))
+    scale = 5000 / q if q < 50 else 200 - 2 * q
+    return torch.floor((torch.tensor(base, dtype=torch.float64) * scale + 50) / 100).clamp(1, 255)
+
+
+def rgb_to_ycbcr(x):                                                    # (B, 3, H, W) -> (B, 3, H, W)
+    M = _transforms_on(x.device, x.dtype)[0]                            # (3, 3)
+    return torch.einsum("ck,bkhw->bchw", M, x)
+
+
+def block_dct(x):                                                       # (B, C, H, W) -> (B, C, H/8, W/8, K, K)
+    """Orthonormal 2D DCT-II of every 8x8 block as two matmuls: F = D X D^T (JPEG's transform)."""
+    B, C, H, W = x.shape
+    D = _transforms_on(x.device, x.dtype)[1]                            # (K, K)
+    X = x.reshape(B, C, H // 8, 8, W // 8, 8)                           # (B, C, H/8, K, W/8, K)
+    X = X.permute(0, 1, 2, 4, 3, 5)                                     # (B, C, H/8, W/8, K, K): one block each
+    return D @ X @ D.T                                                  # F[u, v] = sum_ij D[u, i] X[i, j] D[v, j]
+
+
+def dct_matrix(n=8):                                                    # -> (n, n) float64, D @ D.T = I
+    k = torch.arange(n, dtype=torch.float64)[:, None]                   # frequency (rows)
+    i = torch.arange(n, dtype=torch.float64)[None, :]                   # sample position (columns)
+    a = torch.full((n, 1), math.sqrt(2 / n), dtype=torch.float64)
+    a[0] = math.sqrt(1 / n)
+    return a * torch.cos(math.pi * (2 * i + 1) * k / (2 * n))
+
+
+# The constant matrices, built once per device and dtype (not copied to the GPU at every step).
+@functools.lru_cache(maxsize=8)
+def _transforms_on(device, dtype):                                      # -> YCbCr (3, 3), DCT (K, K)
+    return torch.tensor(YCBCR, dtype=torch.float64).to(device, dtype), dct_matrix(8).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _frequency_weights_on(quality, device):                             # -> (3, K, K) fp32
+    return frequency_weights(quality).to(device, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 4. The model: DiT trunk on patches -> pixel decoder (official PixNerDiT in dit_c2i_DeCo.py) ----
 # ---------------------------------------------------------------------------------------------------------------
 class DeCo(nn.Module):
+    """z (B, C, H, W) noisy image, t (B,) in [0, 1], y (B,) class (num_classes = null) -> v (B, C, H, W).
+    The DiT trunk is PixNerd's (DeCo forks its code) without a final layer; its last hidden state, plus t,
+    conditions the pixel decoder."""
+
     def __init__(self, config, img_size, num_classes, depth, width, heads, patch, dec_depth, dec_width,
                  repa_layer, repa_dim=0, in_ch=3):
         super().__init__()
@@ -305,10 +257,10 @@ class DeCo(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(D, heads) for _ in range(depth)])
         # No final layer on the DiT: its last hidden state conditions the decoder directly.
         self.decoder = PixelDecoder(D, patch, dec_width, dec_depth, in_ch)
-        cos, sin = rope_2d(img_size // patch, img_size // patch, D // heads)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (N, hd/2), rebuilt from img_size, not saved
+        cos, sin = rope_2d(D // heads, img_size // patch)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (N, head_dim), rebuilt from img_size, not saved
         self.register_buffer("rope_sin", sin, persistent=False)
-        # REPA projector H -> H -> H -> repa_dim (768 for DINOv2 ViT-B) with SiLU, only when training with REPA.
+        # REPA projector D -> D -> D -> repa_dim (768 for DINOv2 ViT-B) with SiLU, only when training with REPA.
         # DIFF: the official code keeps the projector in the trainer, outside the model; we keep it in the model
         # (only when repa_dim > 0, recorded in the checkpoint's model_kwargs) so one optimizer, one DDP wrapper
         # and one state dict cover it. It is never used for sampling and not counted in the param tests.
@@ -336,24 +288,42 @@ class DeCo(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, z, t, y, repa=False):
-        """z (B, C, H, W) noisy image, t (B,) in [0, 1], y (B,) class (num_classes = null) -> v (B, C, H, W).
-        With repa=True also returns the projected block-`repa_layer` tokens (B, N, repa_dim) for REPA."""
+    def forward(self, z, t, y, return_repa=False):
+        """With return_repa=True returns (v, h_proj): also the projected output tokens of DiT block `repa_layer`
+        (B, N, repa_dim), for REPA."""
         B, C, H, W = z.shape
-        zp = patchify(z, self.patch)                   # (B, N, C*p*p)
-        t_emb = self.t_embed(t)[:, None]               # (B, 1, D)
-        c = F.silu(t_emb + self.y_embed(y)[:, None])   # (B, 1, D) condition of the DiT blocks
-        s = self.s_embed(zp)                           # (B, N, D)
+        zp = patchify(z, self.patch)                           # (B, N, C*P)
+        t_emb = self.t_embed(t)                                # (B, D)
+        c = F.silu(t_emb + self.y_embed(y))                    # (B, D) condition of the DiT blocks
+        s = self.s_embed(zp)                                   # (B, N, D)
         h = None
         for i, block in enumerate(self.blocks):
-            s = block(s, c, self.rope_cos, self.rope_sin)  # (B, N, D)
+            s = block(s, c, self.rope_cos, self.rope_sin)      # (B, N, D)
             if i + 1 == self.repa_layer:
-                h = s                                  # REPA taps the OUTPUT of block repa_layer (1-based)
-        s = F.silu(t_emb + s)                          # (B, N, D) decoder condition: t again, no class term
-        v = unpatchify(self.decoder(zp, s), self.patch, H, W)  # (B, C, H, W)
-        if repa:
-            return v, self.repa_proj(h)                # (B, C, H, W), (B, N, repa_dim)
+                h = s                                          # REPA taps the OUTPUT of block repa_layer (1-based)
+        s = F.silu(t_emb[:, None] + s)                         # (B, N, D) decoder condition: t again, no class term
+        v = unpatchify(self.decoder(zp, s), self.patch, H, W)  # (B, N, C*P) -> (B, C, H, W)
+        if return_repa:
+            return v, self.repa_proj(h)                        # (B, C, H, W), (B, N, repa_dim)
         return v
+
+
+class DiTBlock(nn.Module):
+    """Pre-RMSNorm transformer block with adaLN (shift, scale, gate for attention, then for the MLP).
+    Note: the official code keeps PyTorch's default init here; adaLN is NOT zero-initialised."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = SwiGLU(dim)
+        self.adaLN = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, c, cos, sin):                         # x (B, N, D), c (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x (B, D)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x                                               # (B, N, D)
 
 
 def create_model(config, img_size, num_classes, **overrides):
@@ -369,10 +339,11 @@ def create_model(config, img_size, num_classes, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 5. Flow matching: t sampler, x <-> v, the frequency-aware loss, REPA (paper: method) ----
+# ---- 5. Flow matching: t sampler, x <-> v, the total loss, REPA (official training_repa_DeCo.py) ----
 # ---------------------------------------------------------------------------------------------------------------
-# z_t = t*x + (1-t)*e, t=0 noise, t=1 data; target v = dz/dt = x - e (official LinearScheduler).
-T_EPS = 0.05  # clamp of (1 - t) in x_to_v only; DeCo itself predicts v and never divides by (1 - t)
+# z_t = t*x + (1-t)*e; target v = dz/dt = x - e (official LinearScheduler). DeCo predicts v directly.
+T_EPS = 0.05        # clamp of (1 - t) in x_to_v only; DeCo itself never divides by (1 - t)
+REPA_WEIGHT = 0.5   # weight of the REPA loss (paper, official)
 
 
 def sample_t(n, device):
@@ -380,109 +351,64 @@ def sample_t(n, device):
     return torch.randn(n, device=device).sigmoid()
 
 
+def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B, 1, 1, 1) for images
+    return t.view(-1, *[1] * (z.dim() - 1))
+
+
 def v_to_x(v, z, t):
-    """x = z_t + (1 - t) v: exact (the clean-image estimate implied by a velocity)."""
-    return z + (1 - t.view(-1, 1, 1, 1)) * v
+    """x = z + (1-t) * v: exact on the straight path z_t = t*x + (1-t)*e, no clamp needed."""
+    return z + (1 - _bcast(t, z)) * v
 
 
 def x_to_v(x_pred, z, t):
-    """v = (x - z_t) / (1 - t), with (1 - t) clamped at 0.05 as in JiT so t -> 1 gives no inf/NaN.
-    Not used by DeCo's loss or sampler (the model predicts v directly); kept for the shared interface."""
-    return (x_pred - z) / (1 - t.view(-1, 1, 1, 1)).clamp_min(T_EPS)
+    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (weight capped at 20)."""
+    return (x_pred - z) / (1 - _bcast(t, z)).clamp_min(T_EPS)
 
 
-# ---- The frequency-aware flow-matching loss (paper: method; official training_repa_DeCo.py) ----
-# L_freq = E[ w * (DCT(YCbCr(v_pred)) - DCT(YCbCr(v)))^2 ]
-#   YCbCr: Y = .299R + .587G + .114B, Cb = -.168736R - .331264G + .5B, Cr = .5R - .418688G - .081312B (JPEG,
-#          no +128 offsets: they cancel in a difference anyway).
-#   DCT:   every 8x8 block X of each channel -> F = D X D^T, with the orthonormal DCT-II matrix
-#          D[k, n] = a_k cos(pi (2n + 1) k / 16), a_0 = sqrt(1/8), a_k = sqrt(2/8) = 1/2. Row index = vertical
-#          frequency u, column = horizontal frequency v, the layout of the JPEG tables.
-#   w:     JPEG quantisation table Q at quality q (luma for Y, chroma for Cb and Cr), w = (1/Q) / mean_64(1/Q):
-#          a small step = a frequency JPEG keeps = a perceptually important one = a large weight.
-YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
-JPEG_LUMA = (  # ITU-T T.81 Annex K, Table K.1
-    (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55), (14, 13, 16, 24, 40, 57, 69, 56),
-    (14, 17, 22, 29, 51, 87, 80, 62), (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
-    (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))
-JPEG_CHROMA = (  # Table K.2
-    (17, 18, 24, 47, 99, 99, 99, 99), (18, 21, 26, 66, 99, 99, 99, 99), (24, 26, 56, 99, 99, 99, 99, 99),
-    (47, 66, 99, 99, 99, 99, 99, 99), *[(99,) * 8] * 4)
+def flow_loss(model, x, y, num_classes, label_drop=0.1, freq_weight=FREQ_WEIGHT, quality=JPEG_QUALITY,
+              encoder=None, repa_weight=REPA_WEIGHT):
+    """The paper's training loss: L = MSE(v_pred, v) + freq_weight * L_freq + repa_weight * L_REPA.
+    x (B, 3, H, W) clean images in [-1, 1], y (B,) class ids. encoder: None (no REPA: the plain objective, repa
+    term 0) or a frozen callable mapping images in [0, 1] to features (B, N, REPA_DIM), e.g. load_dinov2's.
+    Returns (loss, terms): terms = dict(mse, freq, repa) of detached 0-dim tensors."""
+    B = x.shape[0]
+    y = torch.where(torch.rand(B, device=y.device) < label_drop, num_classes, y)  # label dropout -> null class
+    t = sample_t(B, x.device)                                  # (B,)
+    e = torch.randn_like(x)                                    # (B, 3, H, W)
+    z = _bcast(t, x) * x + (1 - _bcast(t, x)) * e              # z_t
+    v = x - e                                                  # target velocity
+    zero = torch.zeros((), device=x.device)
+    if encoder is None:
+        v_pred, l_repa = model(z, t, y), zero
+    else:
+        v_pred, h_proj = model(z, t, y, return_repa=True)      # (B, 3, H, W), (B, N, REPA_DIM)
+        with torch.no_grad():
+            target = encoder((x + 1) / 2)                      # (B, N, REPA_DIM): features of the CLEAN image
+        l_repa = repa_loss(h_proj, target)
+    l_mse = (v_pred.float() - v).square().mean()               # mean over B, C, H, W
+    l_freq = frequency_loss(v_pred, v, quality) if freq_weight else zero
+    loss = l_mse + freq_weight * l_freq + repa_weight * l_repa
+    return loss, dict(mse=l_mse.detach(), freq=l_freq.detach(), repa=l_repa.detach())
 
 
-def dct_matrix(n=8):                                   # -> (n, n) float64, D @ D.T = I
-    k = torch.arange(n, dtype=torch.float64)[:, None]  # frequency (rows)
-    i = torch.arange(n, dtype=torch.float64)[None, :]  # sample position (columns)
-    a = torch.full((n, 1), math.sqrt(2 / n), dtype=torch.float64)
-    a[0] = math.sqrt(1 / n)
-    return a * torch.cos(math.pi * (2 * i + 1) * k / (2 * n))
+deco_loss = flow_loss   # the name this loss had before; kept so old notebooks and scripts still run
 
 
-def jpeg_table(base, quality):                         # -> (8, 8) float64
-    """libjpeg's quality scaling as the official code writes it: scale = 5000/q (q < 50) or 200 - 2q, then
-    Q = clamp(floor((base * scale + 50) / 100), 1, 255). At q = 85: scale 30, e.g. 16 -> floor(5.3) = 5.
-    Note: the paper's Fig. 8 shows truncated values (floor(base * scale / 100)); the code rounds. We follow the
-    code. (For q < 50 it also keeps 5000/q as a float where libjpeg divides integers.)"""
-    q = max(1, min(100, int(quality)))
-    scale = 5000 / q if q < 50 else 200 - 2 * q
-    return torch.floor((torch.tensor(base, dtype=torch.float64) * scale + 50) / 100).clamp(1, 255)
+def repa_loss(h, target):
+    """REPA (Yu et al. 2024): mean over tokens of 1 - cos(projected DiT tokens h, frozen encoder tokens)."""
+    return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
 
 
-def frequency_weights(quality=85):                     # -> (3, 8, 8) float64: w_Y, w_Cb, w_Cr
-    """w = (1/Q) / mean(1/Q) per channel; the official 'inv_gamma' mode with gamma 1 is the same number."""
-    inv = [1 / jpeg_table(JPEG_LUMA, quality), 1 / jpeg_table(JPEG_CHROMA, quality)]
-    w_y, w_c = [w / w.mean() for w in inv]
-    return torch.stack([w_y, w_c, w_c])
-
-
-@functools.lru_cache(maxsize=16)
-def _freq_constants(quality, device, dtype):           # built once per (quality, device, dtype): no copy per step
-    return (torch.tensor(YCBCR, dtype=torch.float64).to(device, dtype), dct_matrix(8).to(device, dtype),
-            frequency_weights(quality).to(device, dtype))
-
-
-def rgb_to_ycbcr(x):                                   # (B, 3, H, W) -> (B, 3, H, W)
-    M = _freq_constants(85, x.device, x.dtype)[0]
-    return torch.einsum("ck,bkhw->bchw", M, x)
-
-
-def block_dct(x):                                      # (B, C, H, W) -> (B, C, H/8, W/8, 8, 8)
-    """Orthonormal 2D DCT-II of every 8x8 block as two matmuls: F = D X D^T (JPEG's transform)."""
-    B, C, H, W = x.shape
-    D = _freq_constants(85, x.device, x.dtype)[1]
-    X = x.reshape(B, C, H // 8, 8, W // 8, 8)          # (B, C, h, K, w, K)
-    X = X.permute(0, 1, 2, 4, 3, 5)                    # (B, C, h, w, K, K): one 8x8 block per (h, w)
-    return D @ X @ D.T                                 # F[u, v] = sum_ij D[u, i] X[i, j] D[v, j]
-
-
-def frequency_loss(v_pred, v, quality=85):
-    """The frequency-aware flow-matching loss L_freq for (B, 3, H, W) velocities, H and W multiples of 8:
-    mean over batch, channel, block, u, v of w[c, u, v] * (F_pred - F)^2."""
-    assert v.shape[-1] % 8 == 0 and v.shape[-2] % 8 == 0, "frequency_loss needs H, W multiples of 8"
-    w = _freq_constants(int(quality), v.device, torch.float32)[2]  # (3, 8, 8)
-    # DIFF: the official code transforms v_pred and v separately, then subtracts, in bf16 under autocast. YCbCr and
-    # DCT are linear, so we transform the difference once (same value, half the work), and in fp32 so the loss
-    # does not depend on the bf16 rounding of two nearly equal sets of coefficients.
-    with torch.autocast(v.device.type, enabled=False):
-        coef = block_dct(rgb_to_ycbcr(v_pred.float() - v.float()))  # (B, 3, h, w, K, K)
-        return (w[:, None, None] * coef.square()).mean()
-
-
-def repa_loss(h_proj, target):
-    """REPA (Yu et al. 2024): mean over tokens of 1 - cos(projected DiT tokens, frozen encoder tokens)."""
-    return (1 - F.cosine_similarity(h_proj.float(), target.float(), dim=-1)).mean()
-
-
-# ---- REPA target: DINOv2 ViT-B/14, frozen (official src/models/encoder.py) ----
+# The REPA target: DINOv2 ViT-B/14, frozen (official src/models/encoder.py).
 REPA_DIM = 768  # width of DINOv2 ViT-B/14 patch tokens = output width of the projector
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_dinov2(device, patch, path=None):
-    """The REPA encoder as a plain callable: images (B, 3, H, W) in [0, 1] -> x_norm_patchtokens (B, N, 768).
-    ImageNet-normalised, then bicubic-resized to 14 * (H / patch) so DINOv2 (patch 14) yields exactly the DiT's
-    token grid. Loaded with torch.hub from GitHub, or from a local clone of facebookresearch/dinov2 (path); the
-    weights come from torch.hub's cache either way.
+    """The REPA encoder as a plain callable encode(x01): clean images (B, 3, H, W) in [0, 1] -> x_norm_patchtokens
+    (B, N, 768). ImageNet-normalised, then bicubic-resized to 14 * (H / patch) so DINOv2 (patch 14) yields exactly
+    the DiT's token grid. Loaded with torch.hub from GitHub, or from a local clone of facebookresearch/dinov2
+    (path); the weights come from torch.hub's cache either way.
     DIFF: the official wrapper resizes to int(14 * H / 16) whatever the patch size and truncates the tokens if the
     counts differ; we resize to 14 * H/p: identical at p = 16 (every paper config), token-aligned for our configs
     with other patch sizes (pixnerd.py and pixeldit.py do the same).
@@ -502,37 +428,11 @@ def load_dinov2(device, patch, path=None):
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
-    def encode(x01):                                   # (B, 3, H, W) in [0, 1] -> (B, N, 768)
+    def encode(x01):                                           # (B, 3, H, W) in [0, 1] -> (B, N, 768)
         size = (14 * (x01.shape[-2] // patch), 14 * (x01.shape[-1] // patch))
         x = F.interpolate((x01 - mean) / std, size=size, mode="bicubic")  # normalise, then resize (official)
         return net.forward_features(x)["x_norm_patchtokens"]
     return encode
-
-
-def deco_loss(model, x, y, num_classes, label_drop=0.1, freq_weight=1.0, quality=85, repa_weight=0.5,
-              encoder=None):
-    """The training loss of the paper: L = MSE(v_pred, v) + freq_weight * L_freq + repa_weight * L_REPA.
-    x (B, 3, H, W) clean images in [-1, 1], y (B,) class ids. encoder: None (no REPA) or a frozen callable
-    mapping images in [0, 1] to features (B, N, REPA_DIM), e.g. DINOv2 (load_dinov2) or a test stand-in.
-    Returns (loss, dict of the three detached terms)."""
-    B = x.shape[0]
-    y = torch.where(torch.rand(B, device=y.device) < label_drop, num_classes, y)  # label dropout -> null class
-    t = sample_t(B, x.device)                          # (B,)
-    e = torch.randn_like(x)                            # (B, 3, H, W)
-    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e  # z_t
-    v = x - e                                          # target velocity
-    zero = torch.zeros((), device=x.device)
-    if encoder is None:
-        v_pred, l_repa = model(z, t, y), zero
-    else:
-        v_pred, h_proj = model(z, t, y, repa=True)     # (B, 3, H, W), (B, N, REPA_DIM)
-        with torch.no_grad():
-            target = encoder((x + 1) / 2)              # (B, N, REPA_DIM): features of the CLEAN image
-        l_repa = repa_loss(h_proj, target)
-    l_mse = (v_pred.float() - v).square().mean()       # mean over B, C, H, W
-    l_freq = frequency_loss(v_pred, v, quality) if freq_weight else zero
-    loss = l_mse + freq_weight * l_freq + repa_weight * l_repa
-    return loss, dict(mse=l_mse.detach(), freq=l_freq.detach(), repa=l_repa.detach())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -547,24 +447,25 @@ def sampler_defaults(config, img_size):
     return dict(steps=100, cfg=5.0 if img_size >= 512 else 3.2, interval=(0.1, 1.0), solver="euler")
 
 
-def sample_grid(steps):
-    """Official grid: linspace(0, 1 - 1/steps, steps) then 1.0 (uniform steps of 1/steps, no time shift).
-    A Python list: the CFG-interval test below is then a host-side decision, never a GPU sync."""
-    return torch.linspace(0.0, 1.0 - 1.0 / steps, steps).tolist() + [1.0]
+def time_grid(steps):
+    """The official sampling grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
+    0.99, 1 for 100 steps): uniform steps of 1/steps. A Python list, so the CFG-interval test is decided on the
+    host, never a GPU sync."""
+    return torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]).tolist()
 
 
 def in_cfg_interval(t, interval):
-    """The official test interval[0] < t <= interval[1], in float32 as the official tensor comparison. It matters:
-    the 20-, 40- and 250-step grids hold t = float32(0.1) exactly, guided in float64 (0.1f > 0.1) but not in
-    float32 (0.1f > 0.1f is False)."""
+    """The official guidance test, in float32 as the official tensor comparison: lo < t <= hi.
+    It matters: the 20-, 40- and 250-step grids hold t = float32(0.1) exactly, guided in float64 (0.1f > 0.1) but
+    not in float32 (0.1f > 0.1f is False)."""
     t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
     return bool(lo < t <= hi)
 
 
 @torch.no_grad()
 def velocity(model, z, t, y, cfg, interval):
-    """v for all B images at time t (a python float). CFG u + cfg*(c - u) only when interval[0] < t <= interval[1]
-    (the official test); then cond and uncond run as ONE batched forward of 2B.
+    """v(z, t) for all B images at time t (a python float), with classifier-free guidance v_u + cfg * (v_c - v_u)
+    inside the CFG interval (in_cfg_interval); there cond and uncond run as ONE batched forward of 2B.
     DIFF: the official code always runs both halves and applies a scale of 1 outside the interval; we run only
     the conditional half there: the same result, and with Euler-100 and interval (0.1, 1] 189 instead of 200
     network evaluations per image (11 of the 100 steps are unguided): 5.5% fewer."""
@@ -572,24 +473,23 @@ def velocity(model, z, t, y, cfg, interval):
     tt = torch.full((B,), t, device=z.device)
     if cfg == 1.0 or not in_cfg_interval(t, interval):
         return model(z, tt, y).float()
-    null = torch.full_like(y, model.num_classes)       # the null class row
-    out = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float()  # (2B, C, H, W)
-    c, u = out.chunk(2)
-    return u + cfg * (c - u)
+    null = torch.full_like(y, model.num_classes)                            # the null class row (CFG)
+    v_c, v_u = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+    return v_u + cfg * (v_c - v_u)                                          # (B, 3, H, W)
 
 
 @torch.no_grad()
-def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None,
-           progress=False):
-    """Integrate dz/dt = v from t=0 (noise) to t=1 (data). Returns images (B, 3, H, W) clamped to [-1, 1] (the
-    official sampler returns raw values and clamps when converting to uint8: the same PNGs).
-    None arguments take the paper's defaults (sampler_defaults). Heun follows the official HeunSampler with its
-    default exact_henu=False: after the first step, the corrector evaluation v(z_hat, t_next) is reused as the
-    next step's predictor, so Heun costs one model call per step (plus one at the start); the last step is Euler."""
+def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data). None arguments take the paper's defaults
+    (sampler_defaults). Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and
+    clamps when converting to uint8: the same PNGs).
+    Heun follows the official HeunSampler with its default exact_henu=False: after the first step, the corrector
+    evaluation v(z_hat, t_next) is reused as the next step's predictor, so Heun costs one model call per step (plus
+    one at the start); the last step is Euler."""
     d = sampler_defaults(model.config, model.img_size)
     steps = steps or d["steps"]
     cfg = d["cfg"] if cfg is None else cfg
-    cfg = 1.0 if model.num_classes == 1 else cfg       # unconditional data: nothing to guide towards
+    cfg = 1.0 if model.num_classes == 1 else cfg               # unconditional data: nothing to guide towards
     interval = interval or d["interval"]
     solver = solver or d["solver"]
     if solver not in ("euler", "heun"):
@@ -598,28 +498,144 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     S = model.img_size
     if noise is None:
         noise = torch.randn(len(y), 3, S, S, generator=generator, device=generator.device if generator else dev)
-    z = noise.to(dev, torch.float32)                   # (B, C, H, W), integrated in fp32
+    z = noise.to(dev, torch.float32)                           # (B, C, H, W), integrated in fp32
     y = y.to(dev)
-    ts = sample_grid(steps)
-    v_next = None                                      # Heun: the corrector's velocity, reused next step
+    ts = time_grid(steps)
+    v_next = None                                              # Heun: the corrector's velocity, reused next step
     with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
             t, t_next = ts[i], ts[i + 1]
             dt = t_next - t
             v = velocity(model, z, t, y, cfg, interval) if v_next is None else v_next
-            if solver == "euler" or i == steps - 1:
-                z = z + dt * v                         # Euler; also Heun's last step (official)
+            if i == steps - 1:                                 # the last step lands on t = 1: z_1 = z_t + (1-t) v
+                z = v_to_x(v, z, torch.full((len(z),), t, device=dev))    # Euler; also Heun's last step (official)
+            elif solver == "euler":
+                z = z + dt * v
             else:
-                z_hat = z + dt * v                     # Heun predictor
+                z_hat = z + dt * v                             # Heun predictor
                 # official: the corrector's CFG follows the interval test at t, not at t_next
                 cfg_t = cfg if in_cfg_interval(t, interval) else 1.0
                 v_next = velocity(model, z_hat, t_next, y, cfg_t, (-math.inf, math.inf))
-                z = z + dt * (v + v_next) / 2          # Heun corrector; v_next is reused as the next predictor
+                z = z + dt * (v + v_next) / 2                  # Heun corrector; v_next is reused as the next predictor
     return z.clamp(-1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 7. Data (official PixImageNet: ADM center crop, no flip, [-1, 1]) ----
+# ---- 7. Standard DiT parts (the same text as in pixeldit.py and pixnerd.py; notes where DeCo's code differs) ----
+# ---------------------------------------------------------------------------------------------------------------
+# DIFF: the official RMSNorm (LlamaRMSNorm) casts the normalised x back to the input dtype, THEN multiplies by the
+# fp32 gain (an fp32 result under bf16 autocast); we apply the gain in fp32 and cast once: identical in fp32, one
+# bf16 rounding in another place under autocast.
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain (eps 1e-6), computed in fp32 whatever the autocast dtype; returns the input
+    dtype."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
+
+
+def modulate(x, shift, scale):                  # x: (B, N, D), shift/scale: (B, D)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): 256 sinusoids of the RAW t (not t*1000 as in DiT), ordered [cos | sin], then an MLP
+    256 -> D -> D. max_period is the official code's (10 for PixNerd, PixelDiT and DeCo; 10000 for JiT)."""
+
+    def __init__(self, dim, freq_dim=256, max_period=10):
+        super().__init__()
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                           # (B,)
+        args = t.float()[:, None] * self.freqs[None]                # (B, 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1))    # (B, 256) -> (B, D)
+
+
+# DIFF: the official precompute_freqs_cis_2d builds the angles in float32; we build them in float64 and round the
+# tables to float32: the tables differ by float32 rounding (at most 7e-7 for head_dim 64 at 128 to 1024px).
+def rope_2d(head_dim, h, theta=10_000.0, scale=16.0):
+    """2D rotary embedding of the official precompute_freqs_cis_2d, as real tables cos, sin of shape (h*h, head_dim).
+    Positions: linspace(0, 16, h) along each axis (NOT the integer grid), so the grid spans [0, 16] at any
+    resolution (at 512px the same range is sampled twice as densely). Frequencies theta^(-4k/head_dim),
+    k < head_dim/4, shared by both axes. Channel pairs (2i, 2i+1) rotate together and alternate axes: pair 2k
+    (channels 4k, 4k+1) turns with the column x, pair 2k+1 (channels 4k+2, 4k+3) with the row y."""
+    freqs = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float64) / head_dim)  # (head_dim/4,)
+    pos = torch.linspace(0, scale, h, dtype=torch.float64)                           # (h,)
+    row, col = torch.meshgrid(pos, pos, indexing="ij")                               # (h, h); token = row*h + col
+    angle = torch.stack([col.reshape(-1, 1) * freqs, row.reshape(-1, 1) * freqs], -1)  # (N, head_dim/4, 2): x, y
+    angle = angle.flatten(1).repeat_interleave(2, dim=-1)                            # (N, head_dim): one per channel
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, heads, N, d). Rotates each adjacent channel pair (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the
+    official complex product (x0 + i x1) * e^(i angle), in real arithmetic (torch.compile-friendly). Returns fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)     # (B, heads, N, d/2) each
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)      # (B, heads, N, d): "rotate_half", interleaved
+    return x.float() * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv without bias, q/k RMSNorm per head, then 2D RoPE, proj with bias (official)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):                                            # (B, N, D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        # Speed: F.scaled_dot_product_attention runs flash attention on CUDA in bf16 (fp32 softmax accumulator):
+        # the (N, N) score matrix is never stored, so memory is O(N). apply_rope returns q, k in fp32;
+        # .to(v.dtype) brings them back to bf16, since the flash kernel needs q, k, v of one dtype.
+        x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases, hidden = int(2 * 4D / 3) (LLaMA; the official FeedForward, same keys)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)                # 2048 for D=768, 2730 for D=1024, 3072 for D=1152
+        self.w1 = nn.Linear(dim, hidden, bias=False)   # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)   # value
+        self.w2 = nn.Linear(hidden, dim, bias=False)   # out
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def patchify(x, p):                                     # (B, C, H, W) -> (B, N, C*p*p)
+    """Channel-major patches, the layout of F.unfold (official code): feature index = c*p*p + i*p + j."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)           # (B, C, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                     # (B, h, w, C, p, p): channel slowest
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, H, W):                             # (B, N, C*p*p) -> (B, C, H, W), inverse of patchify
+    B, N, _ = x.shape
+    x = x.reshape(B, H // p, W // p, -1, p, p)          # (B, h, w, C, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)                     # (B, C, h, p, w, p)
+    return x.reshape(B, -1, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 8. Data (ADM center crop, no flip: official PixImageNet; the built-in `shapes` data is in the appendix) --
 # ---------------------------------------------------------------------------------------------------------------
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
@@ -631,8 +647,8 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion; official center_crop_fn): halve with a box filter while the short side
-    is >= 2*size, bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
+    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -678,11 +694,461 @@ class ImageFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
 
+def make_dataset(args):
+    """`--data`: "shapes" (built in, appendix), a folder of images, or NAME for the folder data/NAME."""
+    if args.data == "shapes":
+        return Shapes(args.img_size)
+    for folder in (Path(args.data), Path("data", args.data)):
+        if folder.is_dir():
+            return ImageFolder(folder, args.img_size, class_cond=not args.unconditional)
+    if args.data in DATA_HELP:
+        raise SystemExit(f"--data {args.data}: data/{args.data} not found. To get it: {DATA_HELP[args.data]}.")
+    raise SystemExit(f"--data {args.data}: no such folder (nor data/{args.data}). Pass a folder of images or 'shapes'.")
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
+    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def make_batches(dataset, args, rank, world, device, data_state):
+    """Endless (x, y) batches on the device: uint8 (B/world, 3, H, W) images and (B/world,) labels, decoded by
+    worker processes into pinned memory and copied asynchronously. data_state = {"epoch", "pos"} counts the
+    batches consumed; it is saved in checkpoints, so a resumed run continues at the next batch."""
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))   # its own RNG: a new epoch must not draw from the
+    while True:                                               # global one, or a resumed run would diverge
+        sampler.set_epoch(data_state["epoch"])
+        sampler.skip = data_state["pos"] * loader.batch_size
+        for x, y in loader:
+            data_state["pos"] += 1
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+def default_workers():
+    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
+    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
+    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 9. Training (official lightning_model.py, simple_ema.py; the optimizer of DeCo_*.yaml) ----
+# ---------------------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
+    DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
+    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For
+    the paper's 1.6M-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would
+    still be mostly the random init, and the sample grids would show noise.
+    warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run: --init-from,
+    as the official 512px run continues its 256px EMA at 0.9999)."""
+
+    def __init__(self, model, decay, warmup=True):
+        self.decay, self.warmup = decay, warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.src = list(model.parameters())
+        self.dst = list(self.model.parameters())
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
+
+
+def unwrap(model):
+    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def lr_at(step, args):
+    """The lr of step k: constant, no warmup, no decay (official DeCo_*.yaml: lr 1e-4 at batch 256)."""
+    return args.lr
+
+
+def model_kwargs(args):
+    """The create_model arguments of this run beyond (config, img_size, num_classes); saved in checkpoints, so
+    sample.py rebuilds the same model: the REPA projector exists only with --repa."""
+    return dict(repa_dim=REPA_DIM if args.repa else 0)
+
+
+def build(args, num_classes, device):
+    """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
+    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
+    ema = EMA(raw, args.ema)
+    # Official DeCo_*.yaml: AdamW, lr 1e-4, default betas (0.9, 0.999), no weight decay, no grad clipping
+    # (class-conditional runs). fused=True: one kernel for all parameters on CUDA.
+    opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    return raw, ema, opt
+
+
+def compile_and_wrap(raw, args, device, ddp=False):
+    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
+    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
+    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if args.compile else model
+
+
+def train_step(model, ema, opt, x, y, step, args, encoder=None):
+    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B, 3, H, W) on the device;
+    encoder: the frozen REPA target (repa_encoder) or None. Returns the loss terms as 0-dim tensors,
+    {"loss", "mse", "freq", "repa"}, without reading them (no host sync)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
+    raw = unwrap(model)
+    try:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
+            loss, terms = flow_loss(model, x, y, raw.num_classes, args.label_drop, args.freq_weight,
+                                    args.jpeg_quality, encoder=encoder, repa_weight=args.repa_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at {x.shape[0]} images per GPU ({args.config}, {args.img_size}px): "
+                         "lower --batch-size, use more GPUs, or keep --precision bf16.") from None
+    opt.step()
+    ema.update(step)
+    return dict(loss=loss.detach(), **terms)
+
+
+class LossLog:
+    """The loss terms of the last steps, summed on the device and read every --log-every steps: the only host sync
+    (a .item() per step would make the CPU wait for the GPU while the next step could be queued). Each reading is
+    a line of RUN/log.jsonl; a non-finite loss stops the run before anything is saved."""
+
+    def __init__(self, path, args, world, rank):
+        self.path, self.args, self.world, self.rank = path, args, world, rank
+        self.sums, self.n, self.t0 = {}, 0, time.time()
+
+    def add(self, terms):                                   # terms: train_step's dict of 0-dim tensors
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
+        self.n += 1
+
+    def write(self, step, bar):
+        sums = torch.stack(list(self.sums.values()))        # (terms,)
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        means = dict(zip(self.sums, (sums / self.n).tolist()))
+        if not all(map(math.isfinite, means.values())):
+            raise SystemExit(f"loss is {means['loss']} at step {step}: training diverged. {self.path.parent}/ckpt.pt "
+                             "holds the last good checkpoint; resume from it with a lower --lr (or --precision fp32).")
+        rate = self.n * self.args.batch_size / (time.time() - self.t0)
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(step=step, **means, lr=lr_at(step, self.args), img_per_s=rate)) + "\n")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()} | dict(img_s=f"{rate:.0f}"))
+        self.sums, self.n, self.t0 = {}, 0, time.time()
+
+
+def save_grid(images, path, nrow):
+    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5)."""
+    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n, H, W, _ = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
+    Image.fromarray(grid).save(path)
+
+
+# ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank):
+    """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
+    then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
+                        model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
+                        opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
+        os.replace(tmp, path)
+
+
+def find_checkpoint(path):
+    """--resume takes a run folder (its ckpt.pt) or a checkpoint file."""
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
+    from disk only when used (get_args reads just the settings)."""
+    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
+    made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
+    if made_by != SCRIPT:
+        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
+                         f"resume it with {made_by}.py or start a new run with another --out.")
+    return ckpt
+
+
+def restore(args, raw, ema, opt, num_classes, rank):
+    """Step 0 for a new run. On --resume every piece of state comes back: weights, EMA, Adam moments, the step,
+    this rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it)."""
+    if args.resume is None:
+        return 0, {"epoch": 0, "pos": 0}
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["num_classes"] != num_classes:
+        raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data {num_classes}; "
+                         "resume with the data it was trained on.")
+    raw.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"], dict(ckpt["data"])
+
+
+def init_from(args, raw, ema, opt, num_classes):
+    """--init-from RUN: a NEW run (step 0, data from the start) from RUN's weights, EMA and Adam moments, at any
+    --img-size. The paper's 512 model is its 256 model trained 100k more steps at 512 (official DeCo_XL_512.yaml,
+    started with Lightning's --ckpt_path, which brings the optimizer state too). Nothing in DeCo depends on the
+    image size but the RoPE tables, which are rebuilt from img_size, not saved, so the weights load at any size."""
+    ckpt = load_checkpoint(args.init_from)
+    for key, have in (("config", args.config), ("num_classes", num_classes), ("repa", args.repa)):
+        was = ckpt["args"].get(key) if key == "repa" else ckpt[key]
+        if was != have:
+            raise SystemExit(f"--init-from: that run has {key}={was!r}, this one {have!r}; they must match.")
+    raw.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+
+
+def repa_encoder(args, device, world):
+    """The frozen REPA target (load_dinov2) with --repa, else None; under torchrun one process per machine fills
+    the torch.hub cache before the others read it."""
+    if not args.repa:
+        return None
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world > 1 and not first:
+        dist.barrier()
+    encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
+    if world > 1 and first:
+        dist.barrier()
+    return encoder
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain `python deco.py`:
+    one process on --device. Returns (rank, world_size, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- 10. Command line and main ----
+# ---------------------------------------------------------------------------------------------------------------
+# What `--data NAME` means: the training defaults we use for it (any flag overrides them). The paper trains with a
+# constant lr 1e-4 at batch 256. A folder that is not one of these names gets FOLDER_DEFAULTS.
+# DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly; ffhq128
+# and imagenet keep the paper's 1e-4.
+DATA_PRESETS = {
+    "shapes": dict(img_size=64, config="DeCo-S/8", batch_size=128, steps=10_000, lr=2e-4,
+                   sample_every=1000, ckpt_every=1000),
+    "ffhq128": dict(img_size=128, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
+                    sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
+    # the paper's ImageNet-256 run: XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2)
+    "imagenet": dict(img_size=256, config="DeCo-XL/16", batch_size=256, steps=1_600_000, lr=1e-4, repa=True,
+                     sample_every=10_000, ckpt_every=10_000),
+}
+FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
+                       sample_every=5000, ckpt_every=5000)
+MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
+SAME_RUN = ("config", "img_size", "repa")                                     # a resumed run cannot change these
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args(argv=None):
+    """The run's settings. Each value comes from the command line, else the resumed checkpoint, else the --data
+    preset (DATA_PRESETS), else the defaults below: `--resume RUN` alone continues RUN exactly as it was."""
+    p = argparse.ArgumentParser(description="Train DeCo (Ma et al., arXiv 2511.19365).", formatter_class=Help)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="shapes", help="'shapes' (built in), a folder of images, or NAME for data/NAME")
+    g.add_argument("--img-size", type=int, default=64, help="image side in pixels")
+    g.add_argument("--config", default="DeCo-S/8", help=f"model config: {', '.join(CONFIGS)}")
+    g.add_argument("--unconditional", action=argparse.BooleanOptionalAction, default=False,
+                   help="ignore class subfolders, train one class (FFHQ's folders are not classes)")
+    g = p.add_argument_group("objective: MSE + freq-weight * L_freq + repa-weight * L_REPA")
+    g.add_argument("--freq-weight", type=float, default=FREQ_WEIGHT, help="weight of L_freq (paper's)")
+    g.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="JPEG quality of the L_freq weights")
+    g.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
+                   help="REPA with frozen DINOv2 ViT-B/14 (paper: on; needs torch.hub or --dinov2-path)")
+    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper's)")
+    g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (offline REPA)")
+    g.add_argument("--label-drop", type=float, help="label dropout for CFG (default: the config's, 0.1; XL 0.2)")
+    g = p.add_argument_group("optimisation (official: AdamW, constant lr 1e-4, batch 256)")
+    g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the GPUs")
+    g.add_argument("--steps", type=int, default=10_000, help="total optimisation steps")
+    g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (paper: 1e-4)")
+    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, reached after a warmup")
+    g = p.add_argument_group("run folder, logging, sampling")
+    g.add_argument("--out", help="run folder (default: runs/deco-DATA; with --resume, the resumed run's)")
+    g.add_argument("--resume", nargs="?", const="", help="continue a run: its folder or ckpt file (alone: --out)")
+    g.add_argument("--init-from", help="start a NEW run from another DeCo run's weights, EMA and optimizer, at any "
+                                       "--img-size (paper: the 512 model continues the 256 one)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.2 at 256)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
+    g = p.add_argument_group("system")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
+    g.add_argument("--num-workers", type=int, default=default_workers(), help="data loader processes per GPU")
+    g.add_argument("--seed", type=int, default=0, help="global seed")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
+    args = resolve_args(p, argv)
+    if args.config not in CONFIGS:                      # before its label_drop is read (create_model says the same)
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
+    if args.label_drop is None:                         # the config's: 0.1, 0.2 for XL (official yamls)
+        args.label_drop = CONFIGS[args.config]["label_drop"]
+    return args
+
+
+def resolve_args(p, argv):
+    """Parse argv with p's defaults overridden, in this order, by the --data preset, then the resumed checkpoint's
+    settings (flags still win). Then the derived values: the checkpoint path, the run folder, and compile + bf16
+    by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
+    first, saved = known(), {}
+    if first.resume is not None:
+        first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
+        saved = {k: v for k, v in load_checkpoint(first.resume)["args"].items() if k in vars(first)}
+        saved = {k: v for k, v in saved.items() if k not in MACHINE}
+        p.set_defaults(**saved)                                  # so that the preset is the run's --data's
+    p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
+    args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    for key in SAME_RUN:
+        if key in saved and getattr(args, key) != saved[key]:
+            raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
+                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
+    args.resume = first.resume
+    args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    return args
+
+
+def main(argv=None, encoder=None):
+    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
+    args = get_args(argv)
+    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
+        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+
+    # Setup processes and devices: one process per GPU under torchrun, else one process on --device.
+    rank, world, device = setup_distributed(args)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # for what still runs in fp32
+    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None   # before the data
+
+    # Setup data: the class count comes from it (1 for FFHQ or a flat folder, 1000 for ImageNet).
+    dataset = make_dataset(args)
+    num_classes = len(dataset.classes)
+    if len(dataset) < args.batch_size:
+        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
+
+    # Setup model, EMA, optimizer, and on --resume all of their state (--init-from: the weights of another run).
+    raw, ema, opt = build(args, num_classes, device)
+    step, data_state = restore(args, raw, ema, opt, num_classes, rank)
+    if args.init_from and args.resume is None:
+        init_from(args, raw, ema, opt, num_classes)
+    ema.warmup = not args.init_from                     # a run started --init-from continues that EMA at its decay
+    model = compile_and_wrap(raw, args, device, ddp=world > 1)
+    batches = make_batches(dataset, args, rank, world, device, data_state)
+    run = Path(args.out)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        print(f"{args.config} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, freq {args.freq_weight} "
+              f"q{args.jpeg_quality}, repa {args.repa_weight if args.repa else 'off'}) on {len(dataset)} images, "
+              f"{num_classes} classes, {world} x {device.type}, batch {args.batch_size}, lr {args.lr:.1e}, "
+              f"{args.precision}, compile={args.compile} -> {run}")
+    gen = torch.Generator().manual_seed(1234)           # fixed grid noise and labels: successive grids compare
+    grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
+
+    # Training loop.
+    log = LossLog(run / "log.jsonl", args, world, rank)
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
+    while step < args.steps:
+        x, y = next(batches)                            # (B/world, 3, H, W) uint8, (B/world,) long, on the device
+        step += 1
+        log.add(train_step(model, ema, opt, x, y, step, args, encoder))
+        bar.update(1)
+        save = step % args.ckpt_every == 0 or step == args.steps
+        if step % args.log_every == 0 or save:
+            log.write(step, bar)                        # before any save: a NaN run stops, never checkpointed
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
+            images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+            save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+        if save:
+            save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix. Built-in data: `--data shapes` ----
+# ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python deco.py` runs with no download: one coloured shape (the class) on a
     two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
-    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled.
-    (The same data as the other scripts, so their runs on it compare.)"""
+    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
     classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
 
     def __init__(self, size, n=20_000):
@@ -734,436 +1200,6 @@ class Shapes(torch.utils.data.Dataset):
                 draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
         img = img.resize((self.size, self.size), resample=Image.LANCZOS)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
-
-
-def resolve_data(name):
-    """`--data` -> (kind, path): "shapes", an existing folder, or data/NAME; a clear exit otherwise."""
-    if name == "shapes":
-        return "shapes", None
-    if Path(name).is_dir():
-        return "folder", Path(name)
-    if Path("data", name).is_dir():
-        return "folder", Path("data", name)
-    if name in DATA_HELP:
-        raise SystemExit(f"--data {name}: data/{name} not found. To get it: {DATA_HELP[name]}.")
-    raise SystemExit(f"--data {name}: no such folder (nor data/{name}). Pass a folder of images or 'shapes'.")
-
-
-def make_dataset(args):
-    kind, path = resolve_data(args.data)
-    if kind == "shapes":
-        return Shapes(args.img_size)
-    return ImageFolder(path, args.img_size, class_cond=not args.unconditional)
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
-    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
-def batches(loader, data_state):
-    """Endless (x, y) batches; data_state = {"epoch", "pos"} counts the batches consumed (saved in checkpoints)."""
-    while True:
-        loader.sampler.set_epoch(data_state["epoch"])
-        loader.sampler.skip = data_state["pos"] * loader.batch_size
-        for batch in loader:
-            data_state["pos"] += 1
-            yield batch
-        data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Training (paper: implementation details; official lightning_model.py, simple_ema.py) ----
-# ---------------------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
-    DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
-    For the paper's long runs this is the paper's 0.9999 after ~90k steps;
-    for a 10k-step run a fixed 0.9999 would still be mostly the random init, and the
-    sample grids would show noise. warmup=False continues a loaded EMA at the fixed decay (--init-from: the
-    official 512px run continues its 256px EMA at 0.9999)."""
-
-    def __init__(self, model, decay, warmup=True):
-        self.decay, self.warmup = decay, warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.src = list(model.parameters())
-        self.dst = list(self.model.parameters())
-
-    @torch.no_grad()
-    def update(self, step):
-        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-        torch._foreach_lerp_(self.dst, self.src, 1 - d)          # ema += (1 - d) * (param - ema)
-
-
-def unwrap(model):
-    """The plain nn.Module under torch.compile (._orig_mod) and DDP (.module): what we save and sample from."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def build(args, num_classes, device):
-    """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
-    raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
-    ema = EMA(raw, args.ema)
-    # Paper: AdamW, lr 1e-4 constant (no warmup, no decay), default betas (0.9, 0.999), no weight decay.
-    # fused=True: one kernel for all parameters on CUDA. No grad clipping (official class-conditional runs).
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
-                            fused=device.type == "cuda")
-    return raw, ema, opt
-
-
-def model_kwargs(args):
-    """create_model overrides of this run, saved in the checkpoint: the REPA projector exists only with --repa."""
-    return dict(repa_dim=REPA_DIM) if args.repa else {}
-
-
-def compile_and_wrap(raw, args, device, ddp=False):
-    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
-    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
-    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    return torch.compile(model) if args.compile else model
-
-
-def train_step(model, ema, opt, x, y, step, args, encoder=None, stats=None):
-    """One optimisation step, exactly what main() runs and bench.py times. x: uint8 (B,3,H,W) on the device.
-    encoder: the frozen REPA encoder (with --repa) or None. stats: optional dict; the detached loss terms are
-    added to it (for the log). Returns the loss as a 0-dim tensor without reading it (no host sync)."""
-    x = x.float() / 127.5 - 1.0                        # uint8 [0, 255] -> [-1, 1], on device. No flip (official)
-    raw = unwrap(model)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
-        loss, terms = deco_loss(model, x, y, raw.num_classes, args.label_drop, args.freq_weight,
-                                args.jpeg_quality, args.repa_weight, encoder)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    ema.update(step)
-    if stats is not None:
-        for k, v in terms.items():
-            stats[k] = stats.get(k, 0.0) + v
-    return loss.detach()
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a kill mid-write never corrupts ckpt.pt."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def find_checkpoint(path):
-    """--resume accepts a run folder (its ckpt.pt) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
-    return path
-
-
-def load_checkpoint(path):
-    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
-                         f"resume it with {made_by}.py or start a new run with another --out.")
-    return ckpt
-
-
-def save_grid(images, path, nrow):
-    """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5) (official)."""
-    imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    n, H, W, _ = imgs.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
-    Image.fromarray(grid).save(path)
-
-
-def default_workers():
-    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Speed: decoding and ADM-cropping
-    one ImageNet JPEG takes ~3.7 ms on one core (README, "Data"), so ~270 img/s per worker: JiT-B/16's 2,400 img/s
-    target on one GPU needs 9 or more of them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
-
-def get_args(argv=None, ckpt=None):
-    """Parse the CLI. A value is taken from, in order: the command line, the checkpoint being resumed, the
-    --data preset (DATA_PRESETS), the built-in default. So `--resume RUN` alone continues RUN as it was."""
-    p = argparse.ArgumentParser(description="Train DeCo (Ma et al., arXiv 2511.19365).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # -- data and model
-    p.add_argument("--data", help="'shapes' (built in), a folder of images, or NAME for data/NAME (default shapes)")
-    p.add_argument("--img-size", type=int, help="image side in pixels (default: from the --data preset)")
-    p.add_argument("--config", help=f"model config: {', '.join(CONFIGS)}")
-    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction,
-                   help="ignore class subfolders and train one class (FFHQ's folders are not classes)")
-    # -- objective (the paper's total loss; each weight is one of its ablations)
-    p.add_argument("--freq-weight", type=float, help="weight of the frequency-aware loss L_freq (paper: 1.0)")
-    p.add_argument("--jpeg-quality", type=int, help="JPEG quality of the L_freq weights (paper: 85)")
-    p.add_argument("--repa", action=argparse.BooleanOptionalAction,
-                   help="REPA with frozen DINOv2 ViT-B/14 (paper: on; needs torch.hub or --dinov2-path)")
-    p.add_argument("--repa-weight", type=float, help="weight of the REPA loss (paper: 0.5)")
-    p.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (offline REPA)")
-    p.add_argument("--label-drop", type=float, help="label dropout for CFG (default: the config's, 0.1; XL 0.2)")
-    # -- optimisation
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over the GPUs (paper: 256)")
-    p.add_argument("--steps", type=int, help="total optimisation steps")
-    p.add_argument("--lr", type=float, help="constant learning rate (paper: 1e-4)")
-    p.add_argument("--ema", type=float, help="EMA decay (paper: 0.9999), reached after a warmup")
-    # -- run folder, logging, sampling
-    p.add_argument("--out", help="run folder (default runs/deco-DATA)")
-    p.add_argument("--resume", nargs="?", const="", help="resume from a run folder or ckpt file (alone: --out)")
-    p.add_argument("--init-from", help="start a NEW run from another DeCo run's weights, EMA and optimizer, at any "
-                                       "--img-size (paper: the 512 model continues the 256 one)")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, help="steps between EMA sample grids")
-    p.add_argument("--log-every", type=int, help="steps between loss readings (the only host syncs)")
-    p.add_argument("--cfg", type=float, help="CFG scale for the grids (default: the paper's, 3.2 at 256)")
-    p.add_argument("--sample-steps", type=int, help="sampler steps for the grids (paper: 100 Euler)")
-    # -- system
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--num-workers", type=int, help="data loader processes per GPU (default: cores per GPU - 1)")
-    p.add_argument("--seed", type=int, help="global seed")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
-    args = p.parse_args(argv)
-
-    saved = ckpt["args"] if ckpt else {}
-    data = args.data or saved.get("data") or "shapes"
-    preset = DATA_PRESETS.get(Path(data).name, FOLDER_DEFAULTS)          # "data/ffhq128" is ffhq128 too
-    defaults = dict(data="shapes", img_size=256, config="DeCo-L/16", unconditional=False,
-                    freq_weight=1.0, jpeg_quality=85, repa=False, repa_weight=0.5, dinov2_path=None,
-                    label_drop=None, init_from=None, batch_size=128, steps=100_000, lr=1e-4, ema=0.9999, out=None,
-                    ckpt_every=5000, sample_every=5000, log_every=50, cfg=None, sample_steps=None, compile=None,
-                    precision=None, num_workers=default_workers(), seed=0, device=None)
-    machine = ("out", "device", "compile", "precision", "num_workers")  # never taken from the checkpoint
-    for key, default in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, (saved if key not in machine else {}).get(key, preset.get(key, default)))
-    if args.resume and not args.out:                                    # resume writes where the checkpoint is
-        args.out = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
-    if args.config not in CONFIGS:
-        raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
-    if args.label_drop is None:
-        args.label_drop = CONFIGS[args.config]["label_drop"]
-    args.out = args.out or f"runs/{SCRIPT}-{Path(data).name}"
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    return args
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python deco.py`: one
-    process on --device. Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and args.device != "cpu":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def check_compatible(args, ckpt):
-    """A checkpoint continues only the run it came from: same script (checked on load), config, size, REPA."""
-    for key in ("config", "img_size", "repa"):
-        if key in ckpt["args"] and getattr(args, key) != ckpt["args"][key]:
-            raise SystemExit(f"--resume: the checkpoint has {key}={ckpt['args'][key]!r} but this run asks for "
-                             f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- 9. main ----
-# ---------------------------------------------------------------------------------------------------------------
-def main(argv=None, encoder=None):
-    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, see load_dinov2): tests only."""
-    args = get_args(argv)
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(find_checkpoint(args.resume or args.out))
-        args = get_args(argv, ckpt)
-        check_compatible(args, ckpt)
-    elif (Path(args.out) / "ckpt.pt").exists():
-        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
-
-    rank, world, device = setup_distributed(args)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes (GPUs); "
-                         "use a multiple.")
-    if args.img_size % CONFIGS[args.config]["patch"]:
-        raise SystemExit(f"--img-size {args.img_size} is not a multiple of the patch size of {args.config}.")
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True                # TF32 for whatever still runs in fp32
-    torch.backends.cudnn.allow_tf32 = True
-
-    # REPA's encoder first, so a missing DINOv2 stops the run before any data is read.
-    if args.repa and encoder is None:
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0       # one process per machine fills the hub cache
-        if world > 1 and not first:
-            dist.barrier()
-        encoder = load_dinov2(device, CONFIGS[args.config]["patch"], args.dinov2_path)
-        if world > 1 and first:
-            dist.barrier()
-    encoder = encoder if args.repa else None
-
-    dataset = make_dataset(args)
-    num_classes = len(dataset.classes)
-    if len(dataset) < args.batch_size:
-        raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    raw, ema, opt = build(args, num_classes, device)
-    ema.warmup = not args.init_from                             # a run started --init-from continues its EMA
-    step, data_state = 0, {"epoch": 0, "pos": 0}
-    if ckpt:
-        if ckpt["num_classes"] != num_classes:
-            raise SystemExit(f"--resume: the checkpoint has {ckpt['num_classes']} classes, this data "
-                             f"{num_classes}; resume with the data it was trained on.")
-        raw.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:                          # the state dict brings back the old lr: use --lr
-            group["lr"] = args.lr
-        step, data_state = ckpt["step"], dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        del ckpt
-    elif args.init_from:
-        # Paper / official DeCo_XL_512.yaml: the 512 model is the 256 model trained 100k more steps at 512.
-        # Nothing in DeCo depends on the image size but the RoPE tables, which are rebuilt (not saved), so the
-        # weights load at any size. The optimizer state comes along (Lightning's --ckpt_path does the same);
-        # the step count and the data position start at 0.
-        init = load_checkpoint(args.init_from)
-        for key, have in (("config", args.config), ("num_classes", num_classes), ("repa", args.repa)):
-            was = init["args"].get(key) if key == "repa" else init[key]
-            if was != have:
-                raise SystemExit(f"--init-from: that run has {key}={was!r}, this one {have!r}; they must match.")
-        raw.load_state_dict(init["model"])
-        ema.model.load_state_dict(init["ema"])
-        opt.load_state_dict(init["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-        del init
-    model = compile_and_wrap(raw, args, device, ddp=world > 1)
-
-    # -- Loader: uint8 images from worker processes into pinned memory, copied asynchronously (non_blocking) to
-    #    the GPU, where train_step normalises them. persistent_workers keeps the workers alive across epochs.
-    local_batch = args.batch_size // world
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))   # own RNG: a new epoch must not draw from the global
-                                                              # one, or a resumed run would diverge from the original
-    data = batches(loader, data_state)
-
-    run = Path(args.out)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.config} ({n_params / 1e6:.1f}M params{' incl. REPA projector' if args.repa else ''}) on "
-              f"{len(dataset)} images, {num_classes} classes, {world} x {device.type}, batch {args.batch_size}, "
-              f"lr {args.lr:.1e}, freq {args.freq_weight} (q{args.jpeg_quality}), "
-              f"repa {args.repa_weight if args.repa else 'off'}, {args.precision}, compile={args.compile} -> {run}")
-    # Fixed noise and labels for the grids, so successive grids show the same samples improving.
-    gen = torch.Generator().manual_seed(1234)
-    grid_noise = torch.randn(64, 3, args.img_size, args.img_size, generator=gen)
-    grid_y = torch.arange(64) % num_classes
-
-    def log_and_check(loss_sum, stats, n, t0):
-        """The only host sync: read the mean losses of the last n steps, stop on NaN/inf, write log.jsonl."""
-        sums = torch.stack([loss_sum, stats["mse"], stats["freq"], stats["repa"]])
-        if world > 1:
-            dist.all_reduce(sums)
-            sums /= world
-        loss, mse, freq, repa = (sums / n).tolist()
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {step}: training diverged. {run}/ckpt.pt holds the last good "
-                             "checkpoint; resume from it with a lower --lr (or --precision fp32).")
-        rate = n * args.batch_size / (time.time() - t0)
-        if rank == 0:
-            with open(run / "log.jsonl", "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, mse=mse, freq=freq, repa=repa, lr=args.lr,
-                                        img_per_s=rate)) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", mse=f"{mse:.4f}", freq=f"{freq:.4f}", img_s=f"{rate:.0f}")
-
-    def fresh():                                                # accumulators of the current log window
-        zero = torch.zeros((), device=device)
-        return zero.clone(), dict(mse=zero.clone(), freq=zero.clone(), repa=zero.clone()), 0, time.time()
-
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
-    loss_sum, stats, n, t0 = fresh()
-    try:
-        while step < args.steps:
-            x, y = next(data)
-            step += 1
-            loss_sum += train_step(model, ema, opt, x.to(device, non_blocking=True),
-                                   y.to(device, non_blocking=True), step, args, encoder, stats)
-            n += 1
-            bar.update(1)
-            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-                log_and_check(loss_sum, stats, n, t0)           # before any save: never checkpoint a NaN
-                loss_sum, stats, n, t0 = fresh()
-            if step % args.sample_every == 0 or step == args.steps:
-                if rank == 0:
-                    images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
-                    save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                rngs = [None] * world
-                if world > 1:
-                    dist.all_gather_object(rngs, rng_state())    # every rank's RNG, for an exact resume
-                else:
-                    rngs = [rng_state()]
-                if rank == 0:
-                    save_atomic(dict(script=SCRIPT, config=args.config, img_size=args.img_size,
-                                     num_classes=num_classes, model_kwargs=model_kwargs(args),
-                                     model=raw.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                     step=step, args=vars(args), rng=rngs, data=dict(data_state)), run / "ckpt.pt")
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"out of GPU memory at {local_batch} images per GPU ({args.config}, {args.img_size}px): "
-                         "lower --batch-size, use more GPUs, or keep --precision bf16.")
-    bar.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return run
 
 
 if __name__ == "__main__":

@@ -467,7 +467,7 @@ def test_deco_shapes_and_backward_every_config(name):
     torch.manual_seed(0)
     m = deco.create_model(name, 2 * p, 5, depth=1, repa_layer=1, repa_dim=8)
     z, t, y = torch.randn(2, 3, 2 * p, 2 * p), torch.rand(2), torch.tensor([0, 5])
-    v, h = m(z, t, y, repa=True)
+    v, h = m(z, t, y, return_repa=True)
     assert v.shape == z.shape and h.shape == (2, 4, 8)
     (v - torch.randn_like(v)).square().mean().backward()  # v is 0 at init: only the output layer gets gradient
     assert m.decoder.linear_out.weight.grad.abs().sum() > 0
@@ -498,12 +498,13 @@ def test_deco_patchify_is_unfold_and_inverts():
 
 
 def test_deco_rope_pairs_alternate_x_and_y():
-    cos, sin = deco.rope_2d(4, 4, head_dim=8)          # 2 frequencies, pairs (x f0, y f0, x f1, y f1)
+    cos, sin = deco.rope_2d(8, 4)                      # head_dim 8: 2 frequencies, pairs (x f0, y f0, x f1, y f1)
+    assert cos.shape == sin.shape == (16, 8)           # one angle per channel: both channels of a pair share it
     ang = torch.atan2(sin, cos)
     pos = torch.linspace(0, 16, 4)
     token = 1 * 4 + 2                                  # row 1, column 2
     f1 = 1e4 ** (-4 / 8)
-    expect = torch.tensor([pos[2], pos[1], pos[2] * f1, pos[1] * f1])
+    expect = torch.tensor([pos[2], pos[1], pos[2] * f1, pos[1] * f1]).repeat_interleave(2)
     assert torch.allclose(torch.atan2(torch.sin(expect), torch.cos(expect)), ang[token], atol=1e-5)
 
 
@@ -632,12 +633,13 @@ def test_deco_loss_terms_and_label_dropout():
     torch.manual_seed(1)
     x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
     torch.manual_seed(2)
-    loss, terms = deco.deco_loss(m, x, y, 10, label_drop=0.0, freq_weight=0.7, repa_weight=0.5)
+    loss, terms = deco.flow_loss(m, x, y, 10, label_drop=0.0, freq_weight=0.7, repa_weight=0.5)
     assert loss.item() == pytest.approx(terms["mse"].item() + 0.7 * terms["freq"].item(), rel=1e-6)
     assert terms["repa"] == 0
     seen = []
     m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
-    deco.deco_loss(m, x, y, 10, label_drop=1.0)        # every label -> the null class
+    deco.flow_loss(m, x, y, 10, label_drop=1.0)        # every label -> the null class
+    assert deco.deco_loss is deco.flow_loss            # the old name still works
     assert torch.equal(seen[-1], torch.full((4,), 10))
 
 
@@ -654,12 +656,12 @@ def stand_in_encoder(patch, dim=deco.REPA_DIM):
 def test_deco_repa_loss_zero_when_aligned_and_trains_projector():
     m = tiny_model(randomize=True, repa_dim=deco.REPA_DIM)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), repa=True)
+    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), return_repa=True)
     assert deco.repa_loss(h, 3.0 * h.detach()).abs() < 1e-6     # cosine: scale-invariant, aligned -> 0
     enc = stand_in_encoder(m.patch)
-    loss, terms = deco.deco_loss(m, x, torch.tensor([0, 1]), 10, freq_weight=0.0, repa_weight=1.0, encoder=enc)
+    loss, terms = deco.flow_loss(m, x, torch.tensor([0, 1]), 10, freq_weight=0.0, repa_weight=1.0, encoder=enc)
     assert 0 < terms["repa"] < 2 and loss.item() == pytest.approx((terms["mse"] + terms["repa"]).item(), rel=1e-6)
-    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), repa=True)
+    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), return_repa=True)
     deco.repa_loss(h, enc((x + 1) / 2)).backward()     # the REPA term alone
     assert m.repa_proj[0].weight.grad.abs().sum() > 0
     assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0      # block 1 = repa_layer feeds the projector
@@ -717,7 +719,7 @@ def test_deco_euler_and_heun_are_exact_on_point_mass_and_grid_is_official():
     for solver in ("euler", "heun"):
         out = deco.sample(m, y, steps=10, cfg=1.0, solver=solver, noise=torch.randn(2, 3, 8, 8))
         assert torch.allclose(out, m.x_star[y].detach(), atol=1e-5)
-    grid = deco.sample_grid(100)
+    grid = deco.time_grid(100)
     assert len(grid) == 101 and grid[-1] == 1.0 and grid[-2] == pytest.approx(0.99) and grid[1] == pytest.approx(0.01)
     m.calls.clear()
     deco.sample(m, y, steps=10, cfg=1.0, solver="heun")
@@ -762,7 +764,7 @@ def test_deco_overfit_one_batch():
     raw, ema, opt = deco.build(args, 8, torch.device("cpu"))
     x = deco.Shapes(32)[0][0][None].expand(4, -1, -1, -1).contiguous()     # uint8 (4, 3, 32, 32)
     y = torch.zeros(4, dtype=torch.long)
-    losses = [deco.train_step(raw, ema, opt, x, y, s, args).item() for s in range(1, 81)]
+    losses = [deco.train_step(raw, ema, opt, x, y, s, args)["loss"].item() for s in range(1, 81)]
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5]), losses
 
 
