@@ -401,24 +401,29 @@ def repa_loss(h, target):
 
 # The REPA target: DINOv2 ViT-B/14, frozen (official src/models/encoder.py).
 REPA_DIM = 768  # width of DINOv2 ViT-B/14 patch tokens = output width of the projector
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # DINOv2's input normalisation
 
 
 def load_dinov2(device, patch, path=None):
-    """The REPA encoder as a plain callable encode(x01): clean images (B, 3, H, W) in [0, 1] -> x_norm_patchtokens
-    (B, N, 768). ImageNet-normalised, then bicubic-resized to 14 * (H / patch) so DINOv2 (patch 14) yields exactly
-    the DiT's token grid. Loaded with torch.hub from GitHub, or from a local clone of facebookresearch/dinov2
-    (path); the weights come from torch.hub's cache either way.
+    """The frozen REPA target as a plain callable encode(x01): clean images in [0, 1] (B, 3, H, W) -> DINOv2
+    ViT-B/14 x_norm_patchtokens (B, N, 768), as the official wrapper. ImageNet mean/std normalisation, then a
+    bicubic resize to 14 * (H / patch), so the ViT-B/14 sees one 14x14 patch per patch of ours (224px at 256px,
+    patch 16). Loaded with torch.hub from GitHub (code and weights cached in $TORCH_HOME/hub), or from a local
+    clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache). Any
+    callable with this contract can stand in for it (the tests use a tiny one).
     DIFF: the official wrapper resizes to int(14 * H / 16) whatever the patch size and truncates the tokens if the
     counts differ; we resize to 14 * H/p: identical at p = 16 (every paper config), token-aligned for our configs
-    with other patch sizes (pixnerd.py and pixeldit.py do the same).
+    with other patch sizes.
     DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only)."""
+    if path and not Path(path, "hubconf.py").is_file():
+        raise SystemExit(f"--dinov2-path {path}: no hubconf.py there; pass a clone of "
+                         "https://github.com/facebookresearch/dinov2, or train with --no-repa.")
     try:
         if path:
             net = torch.hub.load(path, "dinov2_vitb14", source="local")
         else:
             net = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True)
-    except Exception as err:  # no network, no cache, a bad path, ...: say what to do, in one line
+    except Exception as err:  # no network, no cached weights, a broken checkout: all end the same way
         raise SystemExit(f"--repa: could not load DINOv2 ViT-B/14 ({type(err).__name__}: {str(err)[:200]}). "
                          "Connect once to the internet (torch.hub caches it in ~/.cache/torch/hub), or pass "
                          "--dinov2-path to a clone of github.com/facebookresearch/dinov2 (with "
@@ -428,10 +433,10 @@ def load_dinov2(device, patch, path=None):
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
-    def encode(x01):                                           # (B, 3, H, W) in [0, 1] -> (B, N, 768)
+    def encode(x01):                                                  # (B, 3, H, W) in [0, 1]
         size = (14 * (x01.shape[-2] // patch), 14 * (x01.shape[-1] // patch))
-        x = F.interpolate((x01 - mean) / std, size=size, mode="bicubic")  # normalise, then resize (official)
-        return net.forward_features(x)["x_norm_patchtokens"]
+        x = F.interpolate((x01.float() - mean) / std, size=size, mode="bicubic")   # normalise, resize (official)
+        return net.forward_features(x)["x_norm_patchtokens"]         # (B, N, 768), under the step's autocast
     return encode
 
 
@@ -738,8 +743,8 @@ def make_batches(dataset, args, rank, world, device, data_state):
 
 def default_workers():
     """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
-    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    starts on this machine, one core left to each training process, at most 32. A worker decodes and crops one
+    image at a time: watch img_per_s in log.jsonl to see whether more are needed."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
@@ -908,8 +913,8 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
-    from disk only when used (get_args reads just the settings)."""
+    """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
+    read only when used (get_args reads just the settings)."""
     ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
     made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
     if made_by != SCRIPT:
@@ -1046,8 +1051,6 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="global seed")
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
     args = resolve_args(p, argv)
-    if args.config not in CONFIGS:                      # before its label_drop is read (create_model says the same)
-        raise SystemExit(f"unknown --config {args.config!r}; choose one of {', '.join(CONFIGS)}")
     if args.label_drop is None:                         # the config's: 0.1, 0.2 for XL (official yamls)
         args.label_drop = CONFIGS[args.config]["label_drop"]
     return args
@@ -1067,6 +1070,8 @@ def resolve_args(p, argv):
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
     p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     for key in SAME_RUN:
         if key in saved and getattr(args, key) != saved[key]:
             raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
@@ -1089,11 +1094,13 @@ def main(argv=None, encoder=None):
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    # The REPA target first: a missing DINOv2 stops the run before anything is written, and building it (a random
+    # init, then the weights) draws from the RNG before the seeds below are set.
+    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None
     torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # for what still runs in fp32
-    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None   # before the data
 
     # Setup data: the class count comes from it (1 for FFHQ or a flat folder, 1000 for ImageNet).
     dataset = make_dataset(args)

@@ -871,6 +871,8 @@ def resolve_args(p, argv):
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
     p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     for key in SAME_RUN:
         if key in saved and getattr(args, key) != saved[key]:
             raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "

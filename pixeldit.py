@@ -371,35 +371,38 @@ def repa_loss(h, target):
 
 
 def load_dinov2(device, patch, path=None):
-    """The REPA teacher as a plain callable encode(x01): clean images in [0, 1] (B, 3, H, W) -> DINOv2 ViT-B/14 (no
-    registers, frozen) x_norm_patchtokens (B, L, 768), as the official DINOv2 wrapper: ImageNet mean/std
-    normalisation, then a bicubic resize to 14 * (H / patch) so the /14 encoder sees our patch grid (224 at 256px,
-    p=16), one token per patch of ours. Loaded with torch.hub from GitHub (facebookresearch/dinov2; code and
-    weights cached under ~/.cache/torch/hub) or from a local clone of that repository (`path`, --dinov2-path).
-    Any callable with this contract can stand in for it (the tests pass a tiny one).
+    """The frozen REPA target as a plain callable encode(x01): clean images in [0, 1] (B, 3, H, W) -> DINOv2
+    ViT-B/14 x_norm_patchtokens (B, N, 768), as the official wrapper. ImageNet mean/std normalisation, then a
+    bicubic resize to 14 * (H / patch), so the ViT-B/14 sees one 14x14 patch per patch of ours (224px at 256px,
+    patch 16). Loaded with torch.hub from GitHub (code and weights cached in $TORCH_HOME/hub), or from a local
+    clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache). Any
+    callable with this contract can stand in for it (the tests use a tiny one).
     DIFF: the official wrapper resizes to 14 * H/16 whatever the patch size and average-pools the student's
     feature grid to the teacher's; we resize to 14 * H/p: identical at p = 16 (every paper config), and
     token-aligned without pooling for our configs with other patch sizes.
     DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only)."""
+    if path and not Path(path, "hubconf.py").is_file():
+        raise SystemExit(f"--dinov2-path {path}: no hubconf.py there; pass a clone of "
+                         "https://github.com/facebookresearch/dinov2, or train with --no-repa.")
     try:
         if path:
-            dino = torch.hub.load(path, "dinov2_vitb14", source="local")
+            net = torch.hub.load(path, "dinov2_vitb14", source="local")
         else:
-            dino = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True)
-    except Exception as err:   # no network, no cache, a wrong path: all end the same way, at start
-        raise SystemExit(f"--repa: could not load DINOv2 ViT-B/14 ({type(err).__name__}: {err}). It needs network "
-                         "access once (torch.hub caches code and weights under ~/.cache/torch/hub), or pass "
-                         "--dinov2-path to a clone of github.com/facebookresearch/dinov2 with the weights "
-                         "dinov2_vitb14_pretrain.pth in ~/.cache/torch/hub/checkpoints/; or drop --repa.")
-    dino = dino.to(device).eval().requires_grad_(False)
+            net = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True)
+    except Exception as err:  # no network, no cached weights, a broken checkout: all end the same way
+        raise SystemExit(f"--repa: could not load DINOv2 ViT-B/14 ({type(err).__name__}: {str(err)[:200]}). "
+                         "Connect once to the internet (torch.hub caches it in ~/.cache/torch/hub), or pass "
+                         "--dinov2-path to a clone of github.com/facebookresearch/dinov2 (with "
+                         "dinov2_vitb14_pretrain.pth in ~/.cache/torch/hub/checkpoints), or train with --no-repa.")
+    net = net.to(device).eval().requires_grad_(False)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
-    def encode(x01):                                                   # (B, 3, H, W) in [0, 1]
+    def encode(x01):                                                  # (B, 3, H, W) in [0, 1]
         size = (14 * (x01.shape[-2] // patch), 14 * (x01.shape[-1] // patch))
-        img = F.interpolate((x01 - mean) / std, size=size, mode="bicubic")   # (B, 3, 14h, 14w): normalise, resize
-        return dino.forward_features(img)["x_norm_patchtokens"]        # (B, L, 768)
+        x = F.interpolate((x01.float() - mean) / std, size=size, mode="bicubic")   # normalise, resize (official)
+        return net.forward_features(x)["x_norm_patchtokens"]         # (B, N, 768), under the step's autocast
     return encode
 
 
@@ -428,7 +431,7 @@ def time_grid(steps, shift):
 def in_cfg_interval(t, interval):
     """The official guidance test, in float32 as the official tensor comparison: lo < t < hi."""
     t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
-    return bool(lo < t < hi)            # pixeldit, pixnerd: lo < t < hi;  deco: lo < t <= hi;  jit: t < hi and (lo == 0 or t > lo)
+    return bool(lo < t < hi)            # strict at both ends (deco.py: lo < t <= hi, jit.py: lo = 0 guides t = 0)
 
 
 @torch.no_grad()
@@ -921,8 +924,8 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
-    from disk only when used (get_args reads just the settings)."""
+    """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
+    read only when used (get_args reads just the settings)."""
     ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
     made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
     if made_by != SCRIPT:
@@ -1056,6 +1059,8 @@ def resolve_args(p, argv):
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
     p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     for key in SAME_RUN:
         if key in saved and getattr(args, key) != saved[key]:
             raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
@@ -1083,7 +1088,7 @@ def repa_encoder(args, device, world):
 
 
 def main(argv=None, encoder=None):
-    """Train. `encoder` replaces DINOv2 as the REPA teacher (the tests pass a tiny one); None loads DINOv2."""
+    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
     args = get_args(argv)
     if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
@@ -1092,7 +1097,7 @@ def main(argv=None, encoder=None):
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
-    # The REPA teacher first: a missing DINOv2 stops the run before anything is written, and building it (a random
+    # The REPA target first: a missing DINOv2 stops the run before anything is written, and building it (a random
     # init, then the weights) draws from the RNG before the seeds below are set.
     encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None
     torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops

@@ -283,19 +283,18 @@ def repa_loss(h, target):
 
 
 # ---- REPA's frozen target: DINOv2 ViT-B/14 (official src/models/encoder.py) ----
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # timm IMAGENET_DEFAULT_MEAN/STD
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # DINOv2's input normalisation
 def load_dinov2(device, patch, path=None):
-    """The frozen REPA target as a plain callable: clean images in [0, 1] (B,3,H,W) -> DINOv2 ViT-B/14 patch
-    tokens (B, N, E), the x_norm_patchtokens of the official wrapper (src/models/encoder.py), which also feeds
-    it the [0, 1] raw image. ImageNet mean/std normalisation, then a bicubic resize to 14 * (H / patch), so the
-    ViT-B/14 sees one 14x14 patch per PixNerd patch (224px at 256px: N tokens on both sides).
-    DIFF: the official code resizes to 14*H/16 and truncates the PixNerd tokens if the counts differ; we resize
-    to 14*H/patch, the same at patch 16 and token-aligned for small configs with other patches.
-    Loaded with torch.hub from GitHub (code and ~350 MB of weights, cached in $TORCH_HOME/hub), or from a local
-    clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache).
-    Any callable with this signature can stand in for it (the tests use a tiny fixed one).
-    DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only: ~8% of the FLOPs
-    of a PixNerd-L/16 training step)."""
+    """The frozen REPA target as a plain callable encode(x01): clean images in [0, 1] (B, 3, H, W) -> DINOv2
+    ViT-B/14 x_norm_patchtokens (B, N, 768), as the official wrapper. ImageNet mean/std normalisation, then a
+    bicubic resize to 14 * (H / patch), so the ViT-B/14 sees one 14x14 patch per patch of ours (224px at 256px,
+    patch 16). Loaded with torch.hub from GitHub (code and weights cached in $TORCH_HOME/hub), or from a local
+    clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache). Any
+    callable with this contract can stand in for it (the tests use a tiny one).
+    DIFF: the official wrapper resizes to 14 * H/16 whatever the patch size and truncates the tokens if the counts
+    differ; we resize to 14 * H/p: identical at p = 16 (every paper config), token-aligned for our configs with
+    other patch sizes.
+    DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only)."""
     if path and not Path(path, "hubconf.py").is_file():
         raise SystemExit(f"--dinov2-path {path}: no hubconf.py there; pass a clone of "
                          "https://github.com/facebookresearch/dinov2, or train with --no-repa.")
@@ -317,9 +316,7 @@ def load_dinov2(device, patch, path=None):
     def encode(x01):                                                  # (B, 3, H, W) in [0, 1]
         size = (14 * (x01.shape[-2] // patch), 14 * (x01.shape[-1] // patch))
         x = F.interpolate((x01.float() - mean) / std, size=size, mode="bicubic")   # normalise, resize (official)
-        # Under the training step's bf16 autocast (bf16 matmuls, fp32 weights and input), as the official
-        # trainer; an early official version cast DINOv2 itself to bf16 (a pitfall we avoid).
-        return net.forward_features(x)["x_norm_patchtokens"]         # (B, N, 768)
+        return net.forward_features(x)["x_norm_patchtokens"]         # (B, N, 768), under the step's autocast
     return encode
 
 
@@ -344,7 +341,7 @@ def time_grid(steps):
 def in_cfg_interval(t, interval):
     """The official guidance test, in float32 as the official tensor comparison: lo < t < hi."""
     t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
-    return bool(lo < t < hi)            # pixeldit, pixnerd: lo < t < hi;  deco: lo < t <= hi;  jit: t < hi and (lo == 0 or t > lo)
+    return bool(lo < t < hi)            # strict at both ends (deco.py: lo < t <= hi, jit.py: lo = 0 guides t = 0)
 
 
 @torch.no_grad()
@@ -406,7 +403,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
 # ---- 6. Standard DiT parts (a DiT with LLaMA-style parts; official src/models/transformer/pixnerd_c2i.py) ----
 # ---------------------------------------------------------------------------------------------------------------
 # The same text in pixeldit.py, pixnerd.py and deco.py (RMSNorm, modulate, TimestepEmbedder, rope_2d, apply_rope,
-# Attention, SwiGLU, _bcast), with a DIFF: line where an official code differs.
+# Attention, SwiGLU, _bcast); a DIFF note marks where an official code differs.
 
 
 class RMSNorm(nn.Module):
@@ -656,8 +653,8 @@ def make_batches(dataset, args, rank, world, device, data_state):
 
 def default_workers():
     """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. Decoding and ADM-cropping one
-    ImageNet JPEG takes ~3.7 ms on one core (README, "Data"): ~270 img/s per worker."""
+    starts on this machine, one core left to each training process, at most 32. A worker decodes and crops one
+    image at a time: watch img_per_s in log.jsonl to see whether more are needed."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
@@ -851,8 +848,8 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict of a run folder or file; refuses one written by another script. mmap: tensors are read
-    from disk only when used (get_args reads just the settings)."""
+    """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
+    read only when used (get_args reads just the settings)."""
     ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
     made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
     if made_by != SCRIPT:
@@ -878,8 +875,8 @@ def restore(args, raw, ema, opt, num_classes, rank):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain `python jit.py`:
-    one process on --device. Returns (rank, world_size, device)."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain
+    `python pixnerd.py`: one process on --device. Returns (rank, world_size, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
@@ -974,6 +971,8 @@ def resolve_args(p, argv):
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
     p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    if args.config not in CONFIGS:
+        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     for key in SAME_RUN:
         if key in saved and getattr(args, key) != saved[key]:
             raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
@@ -1001,10 +1000,8 @@ def repa_encoder(args, device, world):
 
 
 def main(argv=None, encoder=None):
-    """Train. `encoder` replaces DINOv2 as the REPA target under --repa (a callable as load_dinov2's): tests."""
+    """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
     args = get_args(argv)
-    if args.config not in CONFIGS:
-        raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
@@ -1012,13 +1009,13 @@ def main(argv=None, encoder=None):
     rank, world, device = setup_distributed(args)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    # The REPA target first: a missing DINOv2 stops the run before anything is written, and building it (a random
+    # init, then the weights) draws from the RNG before the seeds below are set.
+    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None
     torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # for what still runs in fp32
-
-    # REPA's frozen encoder first, so a missing DINOv2 stops the run at start, before any data is read.
-    encoder = (encoder or repa_encoder(args, device, world)) if args.repa else None
 
     # Setup data: the class count comes from it (1 for FFHQ or a flat folder, 1000 for ImageNet).
     dataset = make_dataset(args)

@@ -1,13 +1,17 @@
 """The test suite: CPU only, tiny configs, a few minutes on 2 cores. Run: python -m pytest -q test_all.py
 
-Every test asserts values that matter (not only shapes). Sections follow the scripts: jit, pixnerd, pixeldit,
-deco, sample, bench.
+Every test asserts values that matter (not only shapes). Sections: the behaviour the four scripts share
+(parametrized over them), then jit, pixeldit, pixnerd, deco (the README's order), sample.py, bench.py.
 """
 
+import ast
 import importlib
+import inspect
 import json
 import math
+import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -37,171 +41,71 @@ def read_log(run):
 
 
 # =================================================================================================================
-# jit.py
+# Shared behaviour: the same contract in all four scripts
 # =================================================================================================================
+PAPERS = [jit, pixeldit, pixnerd, deco]                               # README order
 
 
-@pytest.mark.parametrize("name", [n for n in jit.CONFIGS])
-def test_jit_every_config_forward_backward(name):
-    """Each config's real width / heads / patch / bottleneck, with 2 blocks (in-context tokens from block 1) at
-    the smallest image that holds 2x2 patches, so even JiT-G runs on a CPU in seconds."""
-    cfg = dict(jit.CONFIGS[name], depth=2, ctx_start=1)
+by_script = pytest.mark.parametrize("mod", PAPERS, ids=lambda m: m.SCRIPT)
+
+
+def code_of(mod, name):
+    """The code of mod.NAME (a function, class or Class.method) without its docstring and comments: what a reader
+    compares when two of our files are side by side."""
+    obj = mod
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value,
+                                                                                          ast.Constant):
+            node.body = body[1:] or [ast.Pass()]                     # drop the docstring
+    return ast.unparse(tree)
+
+
+# The helpers the files share read the same, unless the paper differs (then a comment or DIFF: says how).
+SHARED = {
+    "all four": (PAPERS, ["RMSNorm", "modulate", "TimestepEmbedder", "_bcast", "center_crop_arr", "ImageFolder",
+                          "make_dataset", "ResumableSampler", "make_batches", "default_workers", "EMA", "unwrap",
+                          "compile_and_wrap", "LossLog", "save_grid", "rng_state", "set_rng_state", "save_checkpoint",
+                          "find_checkpoint", "load_checkpoint", "restore", "setup_distributed", "Help",
+                          "resolve_args", "Shapes"]),
+    "the v-predicting three": ([pixeldit, pixnerd, deco], ["rope_2d", "apply_rope", "Attention", "SwiGLU.__init__",
+                                                           "SwiGLU.forward", "x_to_v", "v_to_x", "velocity",
+                                                           "repa_loss", "repa_encoder"]),
+}
+
+
+@pytest.mark.parametrize("group", list(SHARED))
+def test_shared_helpers_read_the_same_in_every_file(group):
+    mods, names = SHARED[group]
+    for name in names:
+        codes = {m.SCRIPT: code_of(m, name) for m in mods}
+        assert len(set(codes.values())) == 1, f"{name} differs between {', '.join(codes)}"
+
+
+@by_script
+def test_x_v_conversions_roundtrip_and_clamp(mod):
+    # z = t x + (1-t) e, v = x - e: v_to_x is exact, x_to_v its inverse away from t = 1 and finite at t = 1.
     torch.manual_seed(0)
-    model = jit.JiT(name, 2 * cfg["patch"], 10, **cfg)
-    z = torch.randn(2, 3, 2 * cfg["patch"], 2 * cfg["patch"])
-    nn_out = model(z, torch.rand(2), torch.tensor([3, 10]))
-    assert nn_out.shape == z.shape
-    assert torch.count_nonzero(nn_out) == 0                       # zero-init final layer: exactly 0 at init
-    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
-    out = model(z, torch.rand(2), torch.tensor([3, 10]))
-    out.square().mean().backward()
-    assert torch.isfinite(out).all() and out.abs().sum() > 0
-    assert model.x_embedder.proj1.weight.grad.abs().sum() > 0     # gradient reaches the first layer
+    x, e = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 0.7, 0.9], dtype=torch.float64)
+    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
+    assert torch.allclose(mod.v_to_x(x - e, z, t), x, atol=1e-12)
+    assert torch.allclose(mod.x_to_v(x, z, t), x - e, atol=1e-12)
+    t1 = torch.ones(4, dtype=torch.float64)                           # t = 1: 1/(1-t) capped at 1/T_EPS = 20
+    assert torch.allclose(mod.x_to_v(x, e, t1), (x - e) / 0.05) and mod.T_EPS == 0.05
 
 
-@pytest.mark.parametrize("name,size,paper_m", [("JiT-B/16", 256, 131), ("JiT-L/16", 256, 459),
-                                               ("JiT-H/16", 256, 953), ("JiT-G/16", 256, 2000),
-                                               ("JiT-B/32", 512, 133)])
-def test_jit_param_counts_match_paper(name, size, paper_m):
-    with torch.device("meta"):
-        model = jit.create_model(name, size, 1000)
-    assert abs(count_params(model) / 1e6 - paper_m) / paper_m < 0.005
-
-
-def test_jit_patchify_roundtrip_and_layout():
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(jit.unpatchify(jit.patchify(x, 8), 8), x)
-    tokens = jit.patchify(x, 8)
-    assert torch.equal(tokens[0, 1, :3], x[0, :, 0, 8])           # token 1 = row 0, col 1; channels fastest
-
-
-def test_jit_conversions_roundtrip_and_clamp():
-    g = torch.Generator().manual_seed(0)
-    x, e = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g), torch.randn(4, 3, 8, 8, dtype=torch.float64,
-                                                                                 generator=g)
-    t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)     # away from both clamps
-    tb = t.view(-1, 1, 1, 1)
-    z = tb * x + (1 - tb) * e
-    v = x - e
-    assert torch.allclose(jit.x_to_v(x, z, t), v, atol=1e-12)
-    assert torch.allclose(jit.v_to_x(v, z, t), x, atol=1e-12)
-    for kind, truth in (("x", x), ("eps", e), ("v", v)):
-        assert torch.allclose(jit.to_x(kind, truth, z, t), x, atol=1e-10)
-        assert torch.allclose(jit.to_eps(kind, truth, z, t), e, atol=1e-10)
-        assert torch.allclose(jit.to_v(kind, truth, z, t), v, atol=1e-10)
-    # At t = 1 the clamp caps 1/(1-t) at 1/0.05 = 20: finite, and exactly (x - z) * 20.
-    t1 = torch.ones(4, dtype=torch.float64)
-    out = jit.x_to_v(x, e, t1)
-    assert torch.isfinite(out).all() and torch.allclose(out, (x - e) / 0.05)
-
-
-def test_jit_t_sampler_is_logit_normal():
-    torch.manual_seed(0)
-    t = jit.sample_t(200_000, "cpu")
-    logit = torch.log(t / (1 - t))
-    assert abs(logit.mean() - jit.P_MEAN) < 0.01 and abs(logit.std() - jit.P_STD) < 0.01
-    assert 0 < t.min() and t.max() < 1
-
-
-class FieldModel(torch.nn.Module):
-    """A stand-in network for the sampler tests: out = fn(z, t, y), with the attributes sample() reads."""
-
-    def __init__(self, fn, pred, num_classes=10, size=8):
-        super().__init__()
-        self.fn, self.pred, self.num_classes, self.img_size = fn, pred, num_classes, size
-        self.config, self.noise_scale, self.calls = "JiT-B/16", 1.0, []
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, z, t, y):
-        self.calls.append(z.shape[0])
-        return self.fn(z, t, y)
-
-
-def test_jit_heun_is_exact_on_a_linear_field():
-    """v(z) = a*z: Heun multiplies z by 1 + ha + (ha)^2/2 per step, the final Euler step by 1 + ha."""
-    a, steps = -0.7, 10
-    model = FieldModel(lambda z, t, y: a * z, pred="v")
-    noise = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    out = jit.sample(model, torch.zeros(3, dtype=torch.long), steps=steps, cfg=1.0, noise=noise.float(),
-                     solver="heun")
-    h = 1 / steps
-    expected = noise * (1 + h * a + (h * a) ** 2 / 2) ** (steps - 1) * (1 + h * a)
-    assert torch.allclose(out.double(), expected.clamp(-1, 1), atol=1e-5)
-    assert len(model.calls) == 2 * (steps - 1) + 1                 # Heun: 2 evaluations/step, last step Euler
-
-
-def test_jit_sampler_with_x_prediction_follows_the_straight_path_and_the_clamp():
-    """A perfect x-predictor (x* everywhere) moves z on the line t*x* + (1-t)*z0 up to t = 0.95; the last steps
-    are inside the t_eps clamp. With d = z0 - x* (residual r = (1-t) d on the path):
-      Heun 0.94 -> 0.96: v = -d, then -0.8 d at the Euler point  -> r = 0.06 - 0.02 * 0.9   = 0.042
-      Heun 0.96 -> 0.98: v = -0.84 d, then -0.504 d              -> r = 0.042 - 0.02 * 0.672 = 0.02856
-      Euler 0.98 -> 1:   v = -0.5712 d                           -> r = 0.02856 - 0.011424  = 0.017136"""
-    x_star = torch.rand(2, 3, 8, 8) - 0.5
-    model = FieldModel(lambda z, t, y: x_star.expand_as(z), pred="x")
-    noise = torch.randn(2, 3, 8, 8) * 0.5
-    out = jit.sample(model, torch.zeros(2, dtype=torch.long), steps=50, cfg=1.0, noise=noise)
-    assert torch.allclose(out, (x_star + 0.017136 * (noise - x_star)).clamp(-1, 1), atol=1e-5)
-
-
-def test_jit_cfg_scale_one_is_the_conditional_prediction_and_guidance_is_batched():
-    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)   # label-dependent velocity
-    noise = torch.randn(2, 3, 8, 8) * 0.1
-    y = torch.tensor([2, 5])
-    m1 = FieldModel(fn, pred="v")
-    out1 = jit.sample(m1, y, steps=4, cfg=1.0, noise=noise, solver="euler")
-    assert torch.allclose(out1, noise + (y.float() / 10).view(-1, 1, 1, 1), atol=1e-6)
-    assert m1.calls == [2, 2, 2, 2]                                # no unconditional pass at all with cfg = 1
-    m3 = FieldModel(fn, pred="v")
-    out3 = jit.sample(m3, y, steps=4, cfg=3.0, interval=(0.1, 1.0), noise=noise, solver="euler")
-    # t = 0 and 0.25 ... only t in (0.1, 1) is guided: t=0 uses v_c, t=0.25/0.5/0.75 use v_u + 3 (v_c - v_u).
-    v_c, v_u = y.float() / 10, torch.ones(2)                       # null label = 10 -> v_u = 1
-    expected = noise + (0.25 * v_c + 0.75 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
-    assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-6)
-    assert m3.calls == [2, 4, 4, 4]                                # cond + uncond in ONE batched forward
-
-
-def test_jit_cfg_interval_follows_the_official_rule_lower_bound_zero_guides_t0():
-    # Official denoiser.py: guided where t < hi and (lo == 0 or t > lo), in float32.
-    assert jit.in_cfg_interval(0.0, (0.0, 1.0)) and not jit.in_cfg_interval(0.0, (0.1, 1.0))
-    ts = torch.linspace(0, 1, 51).tolist()                         # the 50-step grid; ts[5] is float32(0.1)
-    assert not jit.in_cfg_interval(ts[5], (0.1, 1.0)) and jit.in_cfg_interval(ts[6], (0.1, 1.0))
-    assert not jit.in_cfg_interval(1.0, (0.0, 1.0))                # t = 1 is never guided (t < hi)
-    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)
-    noise, y = torch.randn(2, 3, 8, 8) * 0.1, torch.tensor([2, 5])
-    v_c, v_u = y.float() / 10, torch.ones(2)
-    for interval, guided_t0 in (((0.0, 1.0), True), ((0.1, 1.0), False)):
-        m = FieldModel(fn, pred="v")
-        out = jit.sample(m, y, steps=4, cfg=3.0, interval=interval, noise=noise, solver="euler")
-        v0 = v_u + 3 * (v_c - v_u) if guided_t0 else v_c
-        expected = noise + (0.25 * v0 + 0.75 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
-        assert torch.allclose(out, expected.clamp(-1, 1), atol=1e-6)
-        assert m.calls == [4 if guided_t0 else 2, 4, 4, 4]
-
-
-def test_jit_loss_zero_for_perfect_prediction_and_loss_weight_capped():
-    torch.manual_seed(0)
-    x = torch.rand(4, 3, 8, 8) * 2 - 1
-
-    class Oracle(torch.nn.Module):                                 # knows the noise the loss will draw
-        def forward(self, z, t, y):
-            return {"x": self.x, "eps": self.e, "v": self.x - self.e}[self.pred]
-
-    for pred in ("x", "eps", "v"):
-        for loss in ("x", "eps", "v"):
-            oracle = Oracle()
-            oracle.x, oracle.pred = x, pred
-            torch.manual_seed(1)
-            jit.sample_t(4, "cpu")                                 # replay the loss's random draws to get e
-            oracle.e = torch.randn_like(x)
-            torch.manual_seed(1)
-            assert jit.ablation_loss(oracle, x, torch.zeros(4, dtype=torch.long), 10, pred, loss).item() < 1e-10
-    # the paper's cell of the ablation is flow_loss itself (Alg. 1): the same draws give the same value
-    net = FieldModel(lambda z, t, y: 0.3 * z + t.view(-1, 1, 1, 1), pred="x")
-    y = torch.tensor([1, 2, 3, 4])
-    torch.manual_seed(2)
-    paper = jit.flow_loss(net, x, y, 10, noise_scale=2.0)
-    torch.manual_seed(2)
-    assert torch.equal(paper, jit.ablation_loss(net, x, y, 10, "x", "v", noise_scale=2.0)) and paper > 0.1
+@by_script
+def test_readme_lists_one_difference_per_diff_note(mod):
+    """Every `DIFF:` note of a script is one bullet of its README "Differences" list, and vice versa."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    section = re.search(rf"### Differences from the official code.*?`{mod.SCRIPT}\.py`\n(.*?)(?=\n#)", readme, re.S)
+    bullets = [line for line in section.group(1).splitlines() if line.startswith("- ")]
+    notes = Path(mod.__file__).read_text().count("DIFF: ")
+    assert len(bullets) == notes, (len(bullets), notes)
 
 
 @pytest.mark.parametrize("mod,steps", [(jit, 300), (pixeldit, 100), (pixnerd, 80)],
@@ -322,6 +226,213 @@ def test_every_script_resumes_a_copied_run_in_the_copy(mod, tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "a")] == [1]    # the original run is untouched
 
 
+BENCH_ARGS = ["--script", "jit", "--config", "tiny", "--img-size", "32", "--batch-size", "4", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
+def test_default_loader_workers_share_the_cores_among_the_gpus(mod, monkeypatch):
+    """A loader that starves the GPU wastes it: the default is every core this process may use, split among the
+    processes torchrun starts on the machine (LOCAL_WORLD_SIZE), minus one per training process, within [1, 32]."""
+    for cores, local_world, expected in [(16, 1, 15), (16, 2, 7), (16, 16, 1), (2, 1, 1), (256, 1, 32), (256, 8, 31)]:
+        monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        assert mod.default_workers() == expected
+        assert mod.get_args(["--device", "cpu"]).num_workers == expected
+    assert mod.get_args(["--device", "cpu", "--num-workers", "3"]).num_workers == 3
+
+
+@pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
+def test_each_model_compiles_as_one_graph_with_eager_values(mod):
+    """The torch.compile lever (compile_and_wrap) fuses the whole model only if it traces whole: fullgraph=True
+    raises at the first graph break (a data-dependent branch, an .item(), Python-side state). The aot_eager backend
+    traces forward and backward as inductor does, without generating C++, so this takes seconds on a CPU. The
+    traced model must give the eager outputs and gradients, in training mode, on perturbed (non-zero) weights."""
+    torch.manual_seed(0)
+    model = mod.create_model("tiny", 32, 10)
+    with torch.no_grad():                                          # leave the zero-init: outputs and grads != 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, t, y = torch.randn(4, 3, 32, 32), torch.rand(4), torch.tensor([0, 3, 9, 10])   # 10 = the null class
+
+    def forward_backward(net):
+        torch.manual_seed(1)                                       # same dropout / label-drop draws in both runs
+        out = net(z, t, y)
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    torch._dynamo.reset()
+    out, grads = forward_backward(model)
+    out_c, grads_c = forward_backward(torch.compile(model, backend="aot_eager", fullgraph=True))
+    assert out.abs().mean() > 0.01
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
+
+
+# =================================================================================================================
+# jit.py
+# =================================================================================================================
+@pytest.mark.parametrize("name", [n for n in jit.CONFIGS])
+def test_jit_every_config_forward_backward(name):
+    """Each config's real width / heads / patch / bottleneck, with 2 blocks (in-context tokens from block 1) at
+    the smallest image that holds 2x2 patches, so even JiT-G runs on a CPU in seconds."""
+    cfg = dict(jit.CONFIGS[name], depth=2, ctx_start=1)
+    torch.manual_seed(0)
+    model = jit.JiT(name, 2 * cfg["patch"], 10, **cfg)
+    z = torch.randn(2, 3, 2 * cfg["patch"], 2 * cfg["patch"])
+    nn_out = model(z, torch.rand(2), torch.tensor([3, 10]))
+    assert nn_out.shape == z.shape
+    assert torch.count_nonzero(nn_out) == 0                       # zero-init final layer: exactly 0 at init
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+    out = model(z, torch.rand(2), torch.tensor([3, 10]))
+    out.square().mean().backward()
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+    assert model.x_embedder.proj1.weight.grad.abs().sum() > 0     # gradient reaches the first layer
+
+
+@pytest.mark.parametrize("name,size,paper_m", [("JiT-B/16", 256, 131), ("JiT-L/16", 256, 459),
+                                               ("JiT-H/16", 256, 953), ("JiT-G/16", 256, 2000),
+                                               ("JiT-B/32", 512, 133)])
+def test_jit_param_counts_match_paper(name, size, paper_m):
+    with torch.device("meta"):
+        model = jit.create_model(name, size, 1000)
+    assert abs(count_params(model) / 1e6 - paper_m) / paper_m < 0.005
+
+
+def test_jit_patchify_roundtrip_and_layout():
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(jit.unpatchify(jit.patchify(x, 8), 8), x)
+    tokens = jit.patchify(x, 8)
+    assert torch.equal(tokens[0, 1, :3], x[0, :, 0, 8])           # token 1 = row 0, col 1; channels fastest
+
+
+def test_jit_ablation_conversions_agree_with_each_other_and_with_x_to_v():
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g), torch.randn(4, 3, 8, 8, dtype=torch.float64,
+                                                                                 generator=g)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9], dtype=torch.float64)     # away from both clamps
+    tb = t.view(-1, 1, 1, 1)
+    z = tb * x + (1 - tb) * e
+    v = x - e
+    for kind, truth in (("x", x), ("eps", e), ("v", v)):            # every (from, to) pair of appendix A
+        assert torch.allclose(jit.to_x(kind, truth, z, t), x, atol=1e-10)
+        assert torch.allclose(jit.to_eps(kind, truth, z, t), e, atol=1e-10)
+        assert torch.allclose(jit.to_v(kind, truth, z, t), v, atol=1e-10)
+    t1 = torch.ones(4, dtype=torch.float64)                          # the paper's cell is x_to_v, clamp included
+    assert torch.equal(jit.to_v("x", x, e, t1), jit.x_to_v(x, e, t1))
+
+
+def test_jit_t_sampler_is_logit_normal():
+    torch.manual_seed(0)
+    t = jit.sample_t(200_000, "cpu")
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean() - jit.P_MEAN) < 0.01 and abs(logit.std() - jit.P_STD) < 0.01
+    assert 0 < t.min() and t.max() < 1
+
+
+class FieldModel(torch.nn.Module):
+    """A stand-in network for the sampler tests: out = fn(z, t, y), with the attributes sample() reads."""
+
+    def __init__(self, fn, pred, num_classes=10, size=8):
+        super().__init__()
+        self.fn, self.pred, self.num_classes, self.img_size = fn, pred, num_classes, size
+        self.config, self.noise_scale, self.calls = "JiT-B/16", 1.0, []
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, y):
+        self.calls.append(z.shape[0])
+        return self.fn(z, t, y)
+
+
+def test_jit_heun_is_exact_on_a_linear_field():
+    """v(z) = a*z: Heun multiplies z by 1 + ha + (ha)^2/2 per step, the final Euler step by 1 + ha."""
+    a, steps = -0.7, 10
+    model = FieldModel(lambda z, t, y: a * z, pred="v")
+    noise = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    out = jit.sample(model, torch.zeros(3, dtype=torch.long), steps=steps, cfg=1.0, noise=noise.float(),
+                     solver="heun")
+    h = 1 / steps
+    expected = noise * (1 + h * a + (h * a) ** 2 / 2) ** (steps - 1) * (1 + h * a)
+    assert torch.allclose(out.double(), expected.clamp(-1, 1), atol=1e-5)
+    assert len(model.calls) == 2 * (steps - 1) + 1                 # Heun: 2 evaluations/step, last step Euler
+
+
+def test_jit_sampler_with_x_prediction_follows_the_straight_path_and_the_clamp():
+    """A perfect x-predictor (x* everywhere) moves z on the line t*x* + (1-t)*z0 up to t = 0.95; the last steps
+    are inside the t_eps clamp. With d = z0 - x* (residual r = (1-t) d on the path):
+      Heun 0.94 -> 0.96: v = -d, then -0.8 d at the Euler point  -> r = 0.06 - 0.02 * 0.9   = 0.042
+      Heun 0.96 -> 0.98: v = -0.84 d, then -0.504 d              -> r = 0.042 - 0.02 * 0.672 = 0.02856
+      Euler 0.98 -> 1:   v = -0.5712 d                           -> r = 0.02856 - 0.011424  = 0.017136"""
+    x_star = torch.rand(2, 3, 8, 8) - 0.5
+    model = FieldModel(lambda z, t, y: x_star.expand_as(z), pred="x")
+    noise = torch.randn(2, 3, 8, 8) * 0.5
+    out = jit.sample(model, torch.zeros(2, dtype=torch.long), steps=50, cfg=1.0, noise=noise)
+    assert torch.allclose(out, (x_star + 0.017136 * (noise - x_star)).clamp(-1, 1), atol=1e-5)
+
+
+def test_jit_cfg_scale_one_is_the_conditional_prediction_and_guidance_is_batched():
+    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)   # label-dependent velocity
+    noise = torch.randn(2, 3, 8, 8) * 0.1
+    y = torch.tensor([2, 5])
+    m1 = FieldModel(fn, pred="v")
+    out1 = jit.sample(m1, y, steps=4, cfg=1.0, noise=noise, solver="euler")
+    assert torch.allclose(out1, noise + (y.float() / 10).view(-1, 1, 1, 1), atol=1e-6)
+    assert m1.calls == [2, 2, 2, 2]                                # no unconditional pass at all with cfg = 1
+    m3 = FieldModel(fn, pred="v")
+    out3 = jit.sample(m3, y, steps=4, cfg=3.0, interval=(0.1, 1.0), noise=noise, solver="euler")
+    # t = 0 and 0.25 ... only t in (0.1, 1) is guided: t=0 uses v_c, t=0.25/0.5/0.75 use v_u + 3 (v_c - v_u).
+    v_c, v_u = y.float() / 10, torch.ones(2)                       # null label = 10 -> v_u = 1
+    expected = noise + (0.25 * v_c + 0.75 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
+    assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-6)
+    assert m3.calls == [2, 4, 4, 4]                                # cond + uncond in ONE batched forward
+
+
+def test_jit_cfg_interval_follows_the_official_rule_lower_bound_zero_guides_t0():
+    # Official denoiser.py: guided where t < hi and (lo == 0 or t > lo), in float32.
+    assert jit.in_cfg_interval(0.0, (0.0, 1.0)) and not jit.in_cfg_interval(0.0, (0.1, 1.0))
+    ts = torch.linspace(0, 1, 51).tolist()                         # the 50-step grid; ts[5] is float32(0.1)
+    assert not jit.in_cfg_interval(ts[5], (0.1, 1.0)) and jit.in_cfg_interval(ts[6], (0.1, 1.0))
+    assert not jit.in_cfg_interval(1.0, (0.0, 1.0))                # t = 1 is never guided (t < hi)
+    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)
+    noise, y = torch.randn(2, 3, 8, 8) * 0.1, torch.tensor([2, 5])
+    v_c, v_u = y.float() / 10, torch.ones(2)
+    for interval, guided_t0 in (((0.0, 1.0), True), ((0.1, 1.0), False)):
+        m = FieldModel(fn, pred="v")
+        out = jit.sample(m, y, steps=4, cfg=3.0, interval=interval, noise=noise, solver="euler")
+        v0 = v_u + 3 * (v_c - v_u) if guided_t0 else v_c
+        expected = noise + (0.25 * v0 + 0.75 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
+        assert torch.allclose(out, expected.clamp(-1, 1), atol=1e-6)
+        assert m.calls == [4 if guided_t0 else 2, 4, 4, 4]
+
+
+def test_jit_loss_zero_for_perfect_prediction_and_loss_weight_capped():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+
+    class Oracle(torch.nn.Module):                                 # knows the noise the loss will draw
+        def forward(self, z, t, y):
+            return {"x": self.x, "eps": self.e, "v": self.x - self.e}[self.pred]
+
+    for pred in ("x", "eps", "v"):
+        for loss in ("x", "eps", "v"):
+            oracle = Oracle()
+            oracle.x, oracle.pred = x, pred
+            torch.manual_seed(1)
+            jit.sample_t(4, "cpu")                                 # replay the loss's random draws to get e
+            oracle.e = torch.randn_like(x)
+            torch.manual_seed(1)
+            assert jit.ablation_loss(oracle, x, torch.zeros(4, dtype=torch.long), 10, pred, loss).item() < 1e-10
+    # the paper's cell of the ablation is flow_loss itself (Alg. 1): the same draws give the same value
+    net = FieldModel(lambda z, t, y: 0.3 * z + t.view(-1, 1, 1, 1), pred="x")
+    y = torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(2)
+    paper = jit.flow_loss(net, x, y, 10, noise_scale=2.0)
+    torch.manual_seed(2)
+    assert torch.equal(paper, jit.ablation_loss(net, x, y, 10, "x", "v", noise_scale=2.0)) and paper > 0.1
+
+
 def test_jit_resume_rederives_the_lr_from_blr(tmp_path):
     jit.main(TINY + ["--batch-size", "8", "--sample-every", "100", "--steps", "1", "--out", str(tmp_path / "a")])
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
@@ -357,8 +468,6 @@ def test_jit_image_folder_classes_flat_and_corrupt(tmp_path):
         items = [flat[i] for i in range(3)]
     assert flat.bad == 1 and torch.equal(items[1][0], items[2][0])  # replaced by the next readable image
 
-
-# ---- jit.py: the paper's ablation (prediction target x loss space, patch size) ----
 
 PAIRS = [(p, l) for p in ("x", "eps", "v") for l in ("x", "eps", "v")]
 
@@ -404,9 +513,6 @@ def test_jit_patch_size_override_and_v_checkpoint_samples_with_v(tmp_path):
     assert torch.allclose(jit.velocity(model, z, t, y, 1.0, (0.1, 1.0)), (out - z) / 0.5, atol=1e-5)
 
 
-# ---- jit.py: the toy experiment (paper §3.3, Fig. 2) ----
-
-
 def test_toy_conversions_round_trip():
     """From (z, t) and any one of x, e, v the other two follow (Tab. 1); exact away from the t_eps clamp."""
     g = torch.Generator().manual_seed(0)
@@ -442,694 +548,305 @@ def test_toy_x_beats_v_at_D64(tmp_path):
 
 
 # =================================================================================================================
-# deco.py
+# pixeldit.py
 # =================================================================================================================
-
-DECO_TINY = dict(config="tiny", img_size=32, num_classes=10)
-
-
-def tiny_model(seed=0, randomize=False, **kw):
-    """The tiny config; randomize=True also perturbs the zero-initialised layers so the output is not 0."""
+def tiny_encoder(dim=pixeldit.REPA_DIM, seed=0, patch=8):
+    """A stand-in for load_dinov2's encode with the same contract: clean images in [0, 1] (B, 3, H, W) ->
+    (B, (H/patch)^2, dim) tokens, one per patch (a stride-patch embedding). Frozen, like the real teacher."""
     torch.manual_seed(seed)
-    m = deco.create_model(DECO_TINY["config"], DECO_TINY["img_size"], DECO_TINY["num_classes"], **kw)
-    if randomize:
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return m
+    conv = torch.nn.Conv2d(3, dim, kernel_size=patch, stride=patch).requires_grad_(False)
+    return lambda x01: conv(x01).flatten(2).transpose(1, 2)
 
 
-# ---- model -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(deco.CONFIGS))
-def test_deco_shapes_and_backward_every_config(name):
-    # every config's real width / heads / patch / decoder, with the DiT cut to 1 block to stay fast on CPU
-    p = deco.CONFIGS[name]["patch"]
+@pytest.mark.parametrize("name", list(pixeldit.CONFIGS))
+def test_pixeldit_every_config_forward_backward(name):
+    """Each config's real width / heads / patch / pixel width with 2 patch blocks and 1 PiT block, at the smallest
+    image that holds 2x2 patches, so even XL runs on a CPU in about a second. The output is exactly 0 at init
+    (zero-init final linear); once the zero-init layers are perturbed, EVERY parameter (REPA projector included)
+    gets a non-zero gradient: nothing is left unused."""
+    cfg = dict(pixeldit.CONFIGS[name], depth=2, pixel_depth=1, repa_layer=1)
+    size = 2 * cfg["patch"]
     torch.manual_seed(0)
-    m = deco.create_model(name, 2 * p, 5, depth=1, repa_layer=1, repa_dim=8)
-    z, t, y = torch.randn(2, 3, 2 * p, 2 * p), torch.rand(2), torch.tensor([0, 5])
-    v, h = m(z, t, y, return_repa=True)
-    assert v.shape == z.shape and h.shape == (2, 4, 8)
-    (v - torch.randn_like(v)).square().mean().backward()  # v is 0 at init: only the output layer gets gradient
-    assert m.decoder.linear_out.weight.grad.abs().sum() > 0
-    assert m.decoder.blocks[0].adaLN[1].weight.grad.abs().sum() == 0   # zero-init gate blocks the rest
+    model = pixeldit.PixelDiT(name, size, 10, repa_dim=32, **cfg)
+    z, t, y = torch.randn(2, 3, size, size), torch.rand(2), torch.tensor([3, 10])
+    assert torch.count_nonzero(model(z, t, y)) == 0
+    for m in model.modules():                                      # un-zero adaLN and the final layer
+        if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+            torch.nn.init.normal_(m.weight, std=0.02)
+    v, h = model(z, t, y, return_repa=True)
+    assert v.shape == z.shape and h.shape == (2, 4, 32)
+    (v.square().mean() + h.square().mean()).backward()
+    assert torch.isfinite(v).all() and v.abs().sum() > 0
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
 
 
-@pytest.mark.parametrize("name,paper", [("DeCo-L/16", 426e6), ("DeCo-XL/16", 682e6)])
-def test_deco_param_counts_match_paper(name, paper):
+@pytest.mark.parametrize("name,paper_m", [("PixelDiT-B/16", 184), ("PixelDiT-L/16", 569), ("PixelDiT-XL/16", 797)])
+def test_pixeldit_param_counts_match_paper(name, paper_m):
     with torch.device("meta"):
-        m = deco.create_model(name, 256, 1000)         # no REPA projector: not part of the official model class
-    n = sum(p.numel() for p in m.parameters())
-    assert abs(n - paper) / paper < 0.005, n
-    dec = sum(p.numel() for p in m.decoder.parameters())
-    assert 8e6 < dec < 10e6                            # paper: ~8.5M decoder, mostly the H -> 256*32 projection
+        model = pixeldit.create_model(name, 256, 1000)
+    assert abs(count_params(model) / 1e6 - paper_m) / paper_m < 0.005
 
 
-def test_deco_output_exactly_zero_at_init():
-    m = tiny_model()
-    v = m(torch.randn(3, 3, 32, 32), torch.rand(3), torch.tensor([1, 2, 10]))
-    assert torch.equal(v, torch.zeros_like(v))
+def test_pixeldit_pixel_tokens_roundtrip_and_same_patch_order_as_the_patch_level():
+    p = 8
+    x = torch.randn(2, 3, 32, 32)
+    tokens = pixeldit.image_to_pixel_tokens(x, p)                   # (B, L, P, c)
+    assert tokens.shape == (2, 16, 64, 3)
+    assert torch.equal(pixeldit.pixel_tokens_to_image(tokens, p), x)
+    assert torch.equal(tokens[0, 1, 2 * p + 3], x[0, :, 2, p + 3])   # patch 1 = row 0, col 1; pixel (2, 3) in it
+    # The patch level (F.unfold, channel-major) sees patch l as exactly the pixels the pixel level groups as patch
+    # l: s_cond of patch l conditions the right pixels.
+    unfolded = F.unfold(x, p, stride=p).transpose(1, 2).reshape(2, 16, 3, p * p)   # (B, L, c, P)
+    assert torch.equal(unfolded.transpose(-1, -2), tokens)
 
 
-def test_deco_patchify_is_unfold_and_inverts():
-    x = torch.randn(2, 3, 32, 48)
-    xp = deco.patchify(x, 8)
-    assert torch.equal(xp, F.unfold(x, 8, stride=8).transpose(1, 2))   # channel-major, as the official code
-    assert torch.equal(deco.unpatchify(xp, 8, 32, 48), x)
+def test_pixeldit_compaction_keeps_attention_over_patches_at_512px(monkeypatch):
+    """Tiny config at 512px: 262,144 pixel tokens, but every attention (patch level AND pixel level) runs over the
+    64 x 64 = 4096 compacted patch tokens. Full attention over the pixels would need a 262144^2 score matrix
+    (275 GB in fp32 per head); this runs on a CPU in about a second."""
+    lengths = []
+    sdpa = F.scaled_dot_product_attention
 
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        lengths.append(tuple(q.shape))
+        return sdpa(q, k, v, *args, **kwargs)
 
-def test_deco_rope_pairs_alternate_x_and_y():
-    cos, sin = deco.rope_2d(8, 4)                      # head_dim 8: 2 frequencies, pairs (x f0, y f0, x f1, y f1)
-    assert cos.shape == sin.shape == (16, 8)           # one angle per channel: both channels of a pair share it
-    ang = torch.atan2(sin, cos)
-    pos = torch.linspace(0, 16, 4)
-    token = 1 * 4 + 2                                  # row 1, column 2
-    f1 = 1e4 ** (-4 / 8)
-    expect = torch.tensor([pos[2], pos[1], pos[2] * f1, pos[1] * f1]).repeat_interleave(2)
-    assert torch.allclose(torch.atan2(torch.sin(expect), torch.cos(expect)), ang[token], atol=1e-5)
-
-
-def test_deco_decoder_never_mixes_pixels_of_different_patches():
-    m = tiny_model(randomize=True)
-    p, N, D = m.patch, (32 // m.patch) ** 2, m.s_embed.out_features
-    zp = torch.randn(2, N, 3 * p * p)
-    s = torch.randn(2, N, D)                           # the DiT condition, held fixed
-    out = m.decoder(zp, s)
-    zp2 = zp.clone()
-    zp2[1, 5] += torch.randn(3 * p * p)                # change only patch 5 of image 1
-    out2 = m.decoder(zp2, s)
-    changed = (out2 - out).abs().amax(-1)              # (B, N)
-    assert changed[1, 5] > 1e-3
-    changed[1, 5] = 0
-    assert torch.equal(changed, torch.zeros_like(changed))
-
-
-def test_deco_decoder_pixel_condition_is_per_pixel():
-    # changing one pixel's noisy value changes only that pixel's output (no mixing inside a patch either)
-    m = tiny_model(randomize=True)
-    z = torch.randn(1, 3, 32, 32)
-    s = torch.randn(1, (32 // m.patch) ** 2, m.s_embed.out_features)   # the DiT condition, held fixed
-    out = deco.unpatchify(m.decoder(deco.patchify(z, m.patch), s), m.patch, 32, 32)
-    z2 = z.clone()
-    z2[0, :, 3, 5] += 1.0
-    out2 = deco.unpatchify(m.decoder(deco.patchify(z2, m.patch), s), m.patch, 32, 32)
-    diff = (out2 - out).abs().sum(1)[0]                # (H, W)
-    assert diff[3, 5] > 1e-4 and diff.sum() == diff[3, 5]
-
-
-# ---- frequency-aware loss --------------------------------------------------------------------------------------
-def test_deco_dct_matrix_orthonormal_and_block_dct_matches_scipy():
-    D = deco.dct_matrix(8)
-    assert torch.allclose(D @ D.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
-    yy, xx = np.mgrid[0:16, 0:24]
-    img = np.stack([np.sin(0.7 * xx) + 0.1 * yy, np.cos(0.3 * xx * yy), (xx - yy) / 10.0])  # (3, 16, 24)
-    coef = deco.block_dct(torch.tensor(img)[None])[0]  # (3, 2, 3, 8, 8) float64
-    for c in range(3):
-        for i in range(2):
-            for j in range(3):
-                ref = scipy.fft.dctn(img[c, 8 * i: 8 * i + 8, 8 * j: 8 * j + 8], type=2, norm="ortho")
-                np.testing.assert_allclose(coef[c, i, j].numpy(), ref, atol=1e-12)
-
-
-def positions(mask):                                   # {(row, col)} where mask is True
-    return {tuple(i) for i in mask.nonzero().tolist()}
-
-
-def test_deco_quantisation_weights_at_85_match_spec():
-    w = deco.frequency_weights(85)
-    w_y, w_c = w[0], w[1]
-    assert abs(w_y[0, 0] - 2.013) < 1e-3 and abs(w_c[0, 0] - 3.874) < 1e-3
-    assert abs(w_y.max() - 3.355) < 1e-3 and positions(w_y == w_y.max()) == {(0, 1), (0, 2)}
-    assert abs(w_y.min() - 0.280) < 1e-3 and positions(w_y == w_y.min()) == {(6, 5), (6, 6)}
-    base_c = torch.tensor(deco.JPEG_CHROMA)
-    assert torch.allclose(w_c[base_c == 99], torch.tensor(0.646, dtype=torch.float64), atol=1e-3)
-    assert torch.equal(w[1], w[2])                     # Cb and Cr share the chroma table
-    assert torch.allclose(w.mean((1, 2)), torch.ones(3, dtype=torch.float64))
-    # the official code rounds, the paper's Fig. 8 truncates: 16 -> floor(16*30/100 + 0.5) = 5 (not 4), 55 -> 17
-    Q = deco.jpeg_table(deco.JPEG_LUMA, 85)
-    assert Q[0, 0] == 5 and Q[1, 7] == 17
-
-
-def test_deco_frequency_loss_at_quality_100_is_ycbcr_mse():
+    monkeypatch.setattr(pixeldit.F, "scaled_dot_product_attention", recording_sdpa)
     torch.manual_seed(0)
-    a, b = torch.randn(2, 3, 16, 24), torch.randn(2, 3, 16, 24)
-    M = torch.tensor(deco.YCBCR)
-    ref = torch.einsum("ck,bkhw->bchw", M, a - b).square().mean()
-    assert torch.allclose(deco.frequency_loss(a, b, quality=100), ref, rtol=1e-5)
-    assert deco.frequency_loss(a, b, quality=85) != pytest.approx(ref.item(), rel=1e-3)
+    model = pixeldit.create_model("tiny", 512, 10)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 512, 512), torch.rand(1), torch.tensor([1]))
+    assert out.shape == (1, 3, 512, 512)
+    cfg = pixeldit.CONFIGS["tiny"]
+    assert len(lengths) == cfg["depth"] + cfg["pixel_depth"]
+    assert set(lengths) == {(1, cfg["heads"], 4096, cfg["width"] // cfg["heads"])}
 
 
-def test_deco_frequency_loss_zero_for_identical_and_weights_low_frequencies_more():
+def test_pixeldit_pixelwise_modulation_differs_per_pixel():
+    """A PiT block where everything but the modulation is the same for all pixels of a patch: identical input
+    tokens, and an attention branch whose expand layer outputs the same vector for every pixel. Then the pixels
+    of a patch come out different only because each pixel gets its own shift/scale/gate; with a modulation that
+    is the same for all pixels (patch-wise AdaLN), they come out identical."""
     torch.manual_seed(0)
-    a = torch.randn(2, 3, 16, 16)
-    assert deco.frequency_loss(a, a.clone()) == 0
-    D = deco.dct_matrix(8).float()
+    B, L, p, c, D = 2, 4, 4, 16, 32
+    P = p * p
+    for post in (False, True):
+        block = pixeldit.PiTBlock(c, D, 2, p, post_modulation=post)
+        with torch.no_grad():
+            block.expand_from_attn.weight.zero_()
+            block.expand_from_attn.bias.copy_(torch.randn(c).repeat(P))       # same c-vector for every pixel
+        x = torch.randn(B, L, 1, c).expand(B, L, P, c).contiguous()           # all pixels of a patch equal
+        s_cond, (cos, sin) = torch.randn(B, L, D), pixeldit.rope_2d(D // 2, 2)
+        mod = block.adaLN_modulation[0]
+        torch.nn.init.normal_(mod.weight, std=0.5)
+        torch.nn.init.normal_(mod.bias, std=0.5)
+        with torch.no_grad():
+            out = block(x, s_cond, cos, sin)                                  # (B, L, P, c)
+            assert out.std(dim=2).min() > 1e-3                                # every patch: pixels differ
+            # Patch-wise modulation: copy pixel 0's rows of the modulation Linear to every pixel.
+            mod.weight.copy_(mod.weight.view(P, -1, D)[:1].expand(P, -1, D).reshape(-1, D))
+            mod.bias.copy_(mod.bias.view(P, -1)[:1].expand(P, -1).reshape(-1))
+            out = block(x, s_cond, cos, sin)
+        assert out.std(dim=2).max() < 1e-6                                    # pixels of a patch identical
 
-    def pattern(u, v):                                  # one DCT basis image in every block, grey (Y only)
-        E = torch.zeros(8, 8)
-        E[u, v] = 1.0
-        block = D.T @ E @ D                             # inverse DCT: unit energy
-        return block.repeat(2, 2).expand(1, 3, 16, 16).clone()
-    low, high = pattern(0, 1), pattern(7, 7)
-    assert torch.allclose(low.square().sum(), high.square().sum())   # equal energy
-    zero = torch.zeros(1, 3, 16, 16)
-    l_low, l_high = deco.frequency_loss(low, zero), deco.frequency_loss(high, zero)
-    assert l_low > 5 * l_high                           # w_Y[0,1] = 3.355 vs w_Y[7,7] ~ 0.5
-    w = deco.frequency_weights(85)
-    assert l_low.item() == pytest.approx(w[0, 0, 1].item() * 4 / (3 * 4 * 64), rel=1e-5)
+
+def test_pixeldit_rope_layout_and_positions():
+    """Positions linspace(0, 16, h); channel pair 2k turns with the column, pair 2k+1 with the row, both at
+    frequency 10000^(-4k/d). Checked on a 3x3 grid, d = 8: token 5 is row 1, col 2 -> x = 16, y = 8."""
+    cos, sin = pixeldit.rope_2d(8, 3)
+    angle = torch.atan2(sin, cos)                                              # (9, 8)
+    f = torch.tensor([1.0, 10_000 ** -0.5])
+    expected = torch.stack([16 * f, 8 * f], -1).flatten().repeat_interleave(2)  # [x f0, x f0, y f0, y f0, x f1, ...]
+    assert torch.allclose(angle[5], torch.remainder(expected + math.pi, 2 * math.pi) - math.pi, atol=1e-5)
+    # Rotation preserves the norm and is the identity at position (0, 0).
+    q = torch.randn(1, 1, 9, 8)
+    r = pixeldit.apply_rope(q, cos, sin)
+    assert torch.allclose(r.norm(dim=-1), q.norm(dim=-1), atol=1e-5) and torch.equal(r[..., 0, :], q[..., 0, :])
 
 
-def test_deco_frequency_loss_is_fp32_under_autocast():
+def test_pixeldit_time_shift_formula_and_t_sampler():
+    t = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(pixeldit.shift_t(t, 1.0), t)
+    assert torch.allclose(pixeldit.shift_t(torch.tensor(0.5), 3.0), torch.tensor(0.25))
+    logit = lambda u: torch.log(u / (1 - u))
+    assert torch.allclose(logit(pixeldit.shift_t(t, 3.0)), logit(t) - math.log(3.0), atol=1e-5)
     torch.manual_seed(0)
-    a, b = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
-    ref = deco.frequency_loss(a, b)
-    with torch.autocast("cpu", torch.bfloat16):
-        out = deco.frequency_loss(a.bfloat16(), b.bfloat16())
-    assert out.dtype == torch.float32
-    assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+    ts = pixeldit.sample_t(200_000, "cpu", shift=3.0)                         # sigmoid(N(0,1)), shifted
+    assert abs(logit(ts).mean() + math.log(3.0)) < 0.01 and abs(logit(ts).std() - 1.0) < 0.01
+    assert pixeldit.default_shift(256) == 1.0 and pixeldit.default_shift(512) == 3.0
+    grid = pixeldit.time_grid(4, 1.0)
+    assert np.allclose(grid, [0, 0.25, 0.5, 0.75, 1.0])                       # linspace(0, 1-1/N, N) + [1]
+    assert np.allclose(pixeldit.time_grid(4, 3.0), [u / (u + 3 * (1 - u)) for u in grid])
 
 
-# ---- flow matching ---------------------------------------------------------------------------------------------
-def test_deco_x_v_conversions():
-    torch.manual_seed(0)
-    x, e = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    t = torch.tensor([0.0, 0.3, 0.7, 0.94], dtype=torch.float64)
-    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
-    v = x - e
-    assert torch.allclose(deco.v_to_x(v, z, t), x, atol=1e-12)
-    assert torch.allclose(deco.x_to_v(x, z, t), v, atol=1e-12)
-    v1 = deco.x_to_v(x, z, torch.ones(4, dtype=torch.float64))   # t = 1: clamp, no inf/NaN
-    assert torch.isfinite(v1).all() and torch.allclose(v1, (x - z) / 0.05)
+class PixelDiTOracle(torch.nn.Module):
+    """Knows the x and e the loss will draw; returns v = x - e and, for REPA, a chosen feature."""
 
-
-def test_deco_t_sampler_is_logit_normal_0_1():
-    torch.manual_seed(0)
-    t = deco.sample_t(200_000, "cpu")
-    logit = torch.log(t / (1 - t))
-    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
-
-
-def test_deco_loss_terms_and_label_dropout():
-    m = tiny_model(randomize=True)
-    torch.manual_seed(1)
-    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
-    torch.manual_seed(2)
-    loss, terms = deco.flow_loss(m, x, y, 10, label_drop=0.0, freq_weight=0.7, repa_weight=0.5)
-    assert loss.item() == pytest.approx(terms["mse"].item() + 0.7 * terms["freq"].item(), rel=1e-6)
-    assert terms["repa"] == 0
-    seen = []
-    m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
-    deco.flow_loss(m, x, y, 10, label_drop=1.0)        # every label -> the null class
-    assert deco.deco_loss is deco.flow_loss            # the old name still works
-    assert torch.equal(seen[-1], torch.full((4,), 10))
-
-
-def stand_in_encoder(patch, dim=deco.REPA_DIM):
-    """A frozen random strided conv: images in [0, 1] -> (B, N, dim), the DINOv2 interface in miniature."""
-    w = torch.randn(dim, 3, patch, patch, generator=torch.Generator().manual_seed(7))
-
-    def encode(x01):
-        assert 0 <= x01.min() and x01.max() <= 1
-        return F.conv2d(x01, w.to(x01.device), stride=patch).flatten(2).transpose(1, 2)
-    return encode
-
-
-def test_deco_repa_loss_zero_when_aligned_and_trains_projector():
-    m = tiny_model(randomize=True, repa_dim=deco.REPA_DIM)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), return_repa=True)
-    assert deco.repa_loss(h, 3.0 * h.detach()).abs() < 1e-6     # cosine: scale-invariant, aligned -> 0
-    enc = stand_in_encoder(m.patch)
-    loss, terms = deco.flow_loss(m, x, torch.tensor([0, 1]), 10, freq_weight=0.0, repa_weight=1.0, encoder=enc)
-    assert 0 < terms["repa"] < 2 and loss.item() == pytest.approx((terms["mse"] + terms["repa"]).item(), rel=1e-6)
-    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), return_repa=True)
-    deco.repa_loss(h, enc((x + 1) / 2)).backward()     # the REPA term alone
-    assert m.repa_proj[0].weight.grad.abs().sum() > 0
-    assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0      # block 1 = repa_layer feeds the projector
-    assert m.blocks[1].attn.qkv.weight.grad is None              # later blocks get nothing from REPA
-
-
-def test_deco_load_dinov2_from_a_local_hub_checkout(tmp_path):
-    # a stand-in hub repo (hubconf.py) exercises the real loading path offline: torch.hub.load(path, source="local").
-    # Its tokens report what the network was given: channels 0-2 = per-channel input mean, channel 3 = input height.
-    (tmp_path / "hubconf.py").write_text(
-        "import torch\n"
-        "class Net(torch.nn.Module):\n"
-        "    def forward_features(self, x):\n"
-        "        B, C, H, W = x.shape\n"
-        "        tok = torch.zeros(B, (H // 14) * (W // 14), 768)\n"
-        "        tok[..., :3] = x.mean((2, 3))[:, None]\n"
-        "        tok[..., 3] = H\n"
-        "        return {'x_norm_patchtokens': tok}\n"
-        "def dinov2_vitb14():\n"
-        "    return Net()\n")
-    encode = deco.load_dinov2("cpu", 16, path=str(tmp_path))
-    out = encode(torch.full((2, 3, 64, 64), 0.5))
-    assert out.shape == (2, 16, 768) and (out[..., 3] == 56).all()  # 64px, patch 16 -> 56px -> 4 x 4 tokens
-    expect = (0.5 - torch.tensor(deco.IMAGENET_MEAN)) / torch.tensor(deco.IMAGENET_STD)   # ImageNet-normalised
-    assert torch.allclose(out[..., :3], expect.expand(2, 16, 3), atol=1e-5)
-
-
-def test_deco_repa_fails_at_start_with_clear_message(tmp_path):
-    with pytest.raises(SystemExit, match="could not load DINOv2"):
-        deco.load_dinov2("cpu", 16, path=str(tmp_path / "no_dinov2_here"))
-    with pytest.raises(SystemExit, match="--dinov2-path"):         # from main(), before any data is read
-        deco.main(["--repa", "--dinov2-path", str(tmp_path / "nope"), "--data", str(tmp_path / "no_data"),
-                   "--device", "cpu", "--out", str(tmp_path / "run")])
-
-
-# ---- sampler ---------------------------------------------------------------------------------------------------
-class PointMass(torch.nn.Module):
-    """Exact velocity of a point mass at x_star on z_t = t*x_star + (1-t)*e: v = (x_star - z)/(1 - t). Records
-    the batch size of every call; with class-dependent x_star CFG becomes checkable."""
-    config, img_size, num_classes = "DeCo-L/16", 8, 3
-
-    def __init__(self):
+    def __init__(self, x, e, feature=None, patch=8):
         super().__init__()
-        self.x_star = torch.nn.Parameter(torch.rand(4, 3, 8, 8) * 1.6 - 0.8)   # one target per class + null
+        self.x, self.e, self.feature, self.patch = x, e, feature, patch
+
+    def forward(self, z, t, y, return_repa=False):
+        v = self.x - self.e
+        return (v, self.feature) if return_repa else v
+
+
+def test_pixeldit_loss_zero_for_perfect_velocity_and_repa_aligned_features():
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, dtype=torch.long)
+    encoder = tiny_encoder()
+    target = encoder((x + 1) / 2)                                             # (B, 16, 768): one per patch
+    assert target.shape == (4, 16, 768)
+    torch.manual_seed(1)
+    pixeldit.sample_t(4, "cpu")                                               # replay the loss's draws to get e
+    e = torch.randn_like(x)
+    for feature, expected in ((None, 0.0), (2.5 * target, 0.0), (-target, 2 * pixeldit.REPA_WEIGHT)):
+        # Aligned features (any positive scale): REPA term 0. Opposite ones: 1 - cos = 2, times weight 0.5.
+        torch.manual_seed(1)
+        loss, terms = pixeldit.flow_loss(PixelDiTOracle(x, e, feature), x, y, 10,
+                                         encoder=None if feature is None else encoder)
+        assert abs(loss.item() - expected) < 1e-5 and terms["mse"].item() < 1e-10
+        assert terms["repa"].item() == pytest.approx(expected / pixeldit.REPA_WEIGHT, abs=1e-5)
+
+
+class PixelDiTFieldModel(torch.nn.Module):
+    """A stand-in network for the sampler tests: v = fn(z, t, y), with the attributes sample() reads."""
+
+    def __init__(self, fn, num_classes=10, size=8):
+        super().__init__()
+        self.fn, self.num_classes, self.img_size, self.config = fn, num_classes, size, "PixelDiT-XL/16"
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
         self.calls = []
 
     def forward(self, z, t, y):
-        self.calls.append((z.shape[0], float(t[0])))
-        return (self.x_star[y] - z) / (1 - t.view(-1, 1, 1, 1))
+        self.calls.append(z.shape[0])
+        return self.fn(z, t, y)
 
 
-def test_deco_euler_and_heun_are_exact_on_point_mass_and_grid_is_official():
-    m = PointMass()
-    y = torch.tensor([0, 2])
-    for solver in ("euler", "heun"):
-        out = deco.sample(m, y, steps=10, cfg=1.0, solver=solver, noise=torch.randn(2, 3, 8, 8))
-        assert torch.allclose(out, m.x_star[y].detach(), atol=1e-5)
-    grid = deco.time_grid(100)
-    assert len(grid) == 101 and grid[-1] == 1.0 and grid[-2] == pytest.approx(0.99) and grid[1] == pytest.approx(0.01)
-    m.calls.clear()
-    deco.sample(m, y, steps=10, cfg=1.0, solver="heun")
-    assert len(m.calls) == 10                          # official Heun: corrector reused as the next predictor
+def test_pixeldit_adams_bashforth_is_exact_on_a_linear_field():
+    """v = a + b t. On the uniform grid (shift 1) AB2's 1.5 v_i - 0.5 v_{i-1} = a + b (t_i + h/2) is the exact
+    mean of v over the step, so only the first (Euler) step errs, by -b h^2 / 2: z_1 = z_0 + a + b/2 - b h^2/2.
+    One network call per step. Heun is exact except its last (Euler) step, which errs by the same amount."""
+    a, b, steps = 0.3, -0.4, 10
+    h = 1 / steps
+    y = torch.zeros(3, dtype=torch.long)
+    noise = torch.randn(3, 3, 8, 8) * 0.2
+    expected = noise + a + b / 2 - b * h * h / 2
+    for solver, calls in (("ab2", steps), ("heun", 2 * (steps - 1) + 1)):
+        model = PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a) + b * t.view(-1, 1, 1, 1))
+        out = pixeldit.sample(model, y, steps=steps, cfg=1.0, noise=noise, solver=solver, shift=1.0)
+        assert torch.allclose(out, expected, atol=1e-6) and len(model.calls) == calls
+    # Euler's error is b h / 2 (it sees v at the left end of every step): far from exact.
+    model = PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a) + b * t.view(-1, 1, 1, 1))
+    out = pixeldit.sample(model, y, steps=steps, cfg=1.0, noise=noise, solver="euler", shift=1.0)
+    assert torch.allclose(out, noise + a + b / 2 - b * h / 2, atol=1e-6)
+    # A constant field is integrated exactly by every solver on the shifted grid too: it runs from 0 to 1.
+    for solver in ("ab2", "euler", "heun"):
+        out = pixeldit.sample(PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a)), y, steps=7, cfg=1.0,
+                              noise=noise, solver=solver, shift=3.0)
+        assert torch.allclose(out, noise + a, atol=1e-6)
 
 
-def test_deco_cfg_batched_only_inside_interval_and_scale_1_is_conditional():
-    m = PointMass()
-    y = torch.tensor([0, 1])
-    noise = torch.randn(2, 3, 8, 8)
-    deco.sample(m, y, steps=20, cfg=3.0, interval=(0.1, 1.0), noise=noise)
-    # t > 0.1: one batched forward of 2B, else B only. The 20-step grid holds t = float32(0.1) exactly: not
-    # guided, as in the official float32 test (a float64 test would guide it).
-    assert [b for b, _ in m.calls] == [2, 2, 2] + [4] * 17 and m.calls[2][1] == np.float32(0.1)
-    m.calls.clear()
-    deco.sample(m, y, steps=10, cfg=1.0, noise=noise)
-    assert {b for b, _ in m.calls} == {2}
-    # CFG on velocity: with all steps guided, the point-mass field extrapolates u + w (c - u) exactly
-    out = deco.sample(m, y, steps=10, cfg=2.0, interval=(-1.0, 1.0), noise=noise)
-    target = (m.x_star[3] + 2.0 * (m.x_star[y] - m.x_star[3])).detach().clamp(-1, 1)
-    assert torch.allclose(out, target, atol=1e-5)
+def test_pixeldit_cfg_scale_one_is_conditional_and_guidance_is_batched_inside_the_interval():
+    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)          # label-dependent velocity
+    noise = torch.randn(2, 3, 8, 8) * 0.1
+    y = torch.tensor([2, 5])
+    m1 = PixelDiTFieldModel(fn)
+    out1 = pixeldit.sample(m1, y, steps=4, cfg=1.0, noise=noise, solver="euler", shift=1.0)
+    assert torch.allclose(out1, noise + (y.float() / 10).view(-1, 1, 1, 1), atol=1e-6)
+    assert m1.calls == [2, 2, 2, 2]                                # no unconditional pass at all with cfg = 1
+    m3 = PixelDiTFieldModel(fn)
+    out3 = pixeldit.sample(m3, y, steps=4, cfg=3.0, interval=(0.1, 0.6), noise=noise, solver="euler", shift=1.0)
+    # Grid 0, .25, .5, .75: only t = .25 and .5 lie in (0.1, 0.6) and are guided: v_u + 3 (v_c - v_u).
+    v_c, v_u = y.float() / 10, torch.ones(2)                       # null label = 10 -> v_u = 1
+    expected = noise + (0.5 * v_c + 0.5 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
+    assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-6)
+    assert m3.calls == [2, 4, 4, 2]                                # cond + uncond in ONE batched forward
 
 
-def test_deco_sampler_defaults():
-    d = deco.sampler_defaults("DeCo-XL/16", 256)
-    assert d == dict(steps=100, cfg=3.2, interval=(0.1, 1.0), solver="euler")
-    assert deco.sampler_defaults("DeCo-XL/16", 512)["cfg"] == 5.0
-    img = deco.sample(tiny_model(randomize=True), torch.tensor([1, 2, 3]), steps=3)
-    assert img.shape == (3, 3, 32, 32) and img.abs().max() <= 1
-
-
-# ---- training --------------------------------------------------------------------------------------------------
-def train_args(tmp_path, *extra):
-    return ["--config", "tiny", "--img-size", "32", "--batch-size", "8", "--device", "cpu", "--num-workers", "0",
-            "--out", str(tmp_path / "run"), "--sample-steps", "2", "--log-every", "1", *extra]
-
-
-def test_deco_overfit_one_batch():
-    # one image, 80 steps: the loss (MSE + L_freq) must fall well below its start (1.99 -> 0.38 on our CPU)
-    args = deco.get_args(["--config", "tiny", "--img-size", "32", "--lr", "3e-3", "--device", "cpu"])
-    torch.manual_seed(0)
-    raw, ema, opt = deco.build(args, 8, torch.device("cpu"))
-    x = deco.Shapes(32)[0][0][None].expand(4, -1, -1, -1).contiguous()     # uint8 (4, 3, 32, 32)
-    y = torch.zeros(4, dtype=torch.long)
-    losses = [deco.train_step(raw, ema, opt, x, y, s, args)["loss"].item() for s in range(1, 81)]
-    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5]), losses
-
-
-def test_deco_cli_repa_with_stand_in_encoder(tmp_path):
-    run = deco.main(train_args(tmp_path, "--steps", "2", "--repa"), encoder=stand_in_encoder(8))
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert all(0 < r["repa"] < 2 for r in log)
+def test_pixeldit_cli_with_repa_and_post_modulation(tmp_path):
+    """The REPA path of main() with a tiny stand-in teacher: the projector is trained and saved with the model,
+    model_kwargs rebuilds it, and resuming with another --post-modulation is refused."""
+    run = pixeldit.main(TINY + ["--steps", "2", "--batch-size", "4", "--sample-every", "100", "--repa",
+                                "--post-modulation", "--out", str(tmp_path / "run")], encoder=tiny_encoder())
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-    assert ckpt["model_kwargs"] == {"repa_dim": 768} and "repa_proj.0.weight" in ckpt["model"]
+    assert ckpt["model_kwargs"] == dict(post_modulation=True, repa_dim=768)
+    assert ckpt["model"]["repa_proj.4.weight"].shape == (768, 64)
+    assert ckpt["model"]["pixel_blocks.0.adaLN_modulation.0.weight"].shape == (4 * 64 * 16, 64)  # 4 sets, no gates
+    model = pixeldit.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    assert math.isfinite(read_log(run)[-1]["loss"])
+    with pytest.raises(SystemExit, match="post_modulation=True"):
+        pixeldit.main(TINY + ["--steps", "3", "--batch-size", "4", "--repa", "--no-post-modulation",
+                              "--out", str(run), "--resume"], encoder=tiny_encoder())
 
 
-def test_deco_init_from_a_smaller_resolution_run(tmp_path):
-    # the paper's 512 recipe in miniature: a 32px run's weights continue at 64px (RoPE tables are rebuilt)
-    small = deco.main(train_args(tmp_path / "s", "--steps", "1"))
-    big = deco.main(train_args(tmp_path / "b", "--steps", "1", "--img-size", "64", "--init-from", str(small)))
-    cs, cb = (torch.load(r / "ckpt.pt", weights_only=False) for r in (small, big))
-    assert cb["img_size"] == 64 and cb["step"] == 1
-    k = "decoder.linear_out.weight"                    # (after 1 step only the output layer has moved from init)
-    assert cs["model"][k].abs().sum() > 0 and not torch.equal(cs["model"][k], cb["model"][k])  # trained on from it
-    assert torch.allclose(cs["model"][k], cb["model"][k], atol=1e-3)
-    # the loaded EMA continues at its decay (0.9999): one update moves it by 1e-4 of (weights - EMA), not 82%
-    ema_before, ema_after, w = cs["ema"][k], cb["ema"][k], cb["model"][k]
-    assert torch.allclose(ema_after, 0.9999 * ema_before + 0.0001 * w, atol=1e-7)
-    with pytest.raises(SystemExit, match="--init-from: that run has repa=False"):
-        deco.main(train_args(tmp_path / "c", "--steps", "1", "--repa", "--init-from", str(small)),
-                  encoder=stand_in_encoder(8))
+HUBCONF = """
+import torch
+
+class TinyDino(torch.nn.Module):            # DINOv2's interface: forward_features(x)["x_norm_patchtokens"]
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, 768, kernel_size=14, stride=14)
+
+    def forward_features(self, x):
+        return {"x_norm_patchtokens": self.patch_embed(x).flatten(2).transpose(1, 2)}
+
+def dinov2_vitb14(pretrained=True):
+    return TinyDino()
+"""
 
 
-# =================================================================================================================
-# sample.py
-# =================================================================================================================
-
-ROOT = Path(sample.__file__).resolve().parent
-# The paper scripts present in this checkout (sample.py must work with whichever exist).
-SCRIPTS = [s for s in sample.SCRIPTS if (ROOT / f"{s}.py").is_file()]
-FAST = ["--steps", "2", "--device", "cpu", "--num-workers", "0"]       # 2 sampler steps: enough for the plumbing
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One tiny run folder per existing script, written by its own main() (1 training step), so the checkpoint has
-    every contract key. One step leaves the zero-initialised output layers at ~0 (every sample the same flat
-    image), so we then add N(0, 0.02^2) to every weight: samples then depend on their noise and label."""
-    out = {}
-    torch.manual_seed(0)
-    for name in SCRIPTS:
-        mod = importlib.import_module(name)
-        run = tmp_path_factory.mktemp(name) / "run"
-        mod.main(TINY + ["--steps", "1", "--batch-size", "4", "--log-every", "1", "--sample-every", "100",
-                         "--out", str(run)])
-        ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-        for key in ("model", "ema"):
-            for v in ckpt[key].values():
-                if v.is_floating_point():
-                    v.add_(torch.randn_like(v) * 0.02)
-        torch.save(ckpt, run / "ckpt.pt")
-        out[name] = run
-    return out
+def test_pixeldit_repa_loads_from_dinov2_path_and_fails_at_start_without_it(tmp_path):
+    """--dinov2-path goes through torch.hub.load(path, "dinov2_vitb14", source="local"): a missing checkout stops
+    the run before anything is created; a (stand-in) checkout with DINOv2's interface trains."""
+    with pytest.raises(SystemExit, match="--dinov2-path .*no hubconf.py there"):
+        pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "no-dinov2"), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()                           # nothing started
+    (tmp_path / "dinov2").mkdir()
+    (tmp_path / "dinov2" / "hubconf.py").write_text(HUBCONF)
+    run = pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "dinov2"), "--steps", "1",
+                                "--batch-size", "4", "--out", str(tmp_path / "r")])
+    assert "repa_proj.0.weight" in torch.load(run / "ckpt.pt", weights_only=False)["model"]
 
 
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    """A weight file in the published layout, with random weights (the real one is 91 MB and not in the repo)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / sample.INCEPTION_FILE
-    torch.save(sample.FIDInceptionV3().state_dict(), path)
-    return path
+def test_pixeldit_dinov2_encode_normalises_and_resizes_inside(monkeypatch):
+    """load_dinov2's encode takes clean [0, 1] images: it ImageNet-normalises them, then bicubic-resizes to
+    14 * (H / patch) (32px, p=8 -> 56px), so DINOv2 (patch 14) returns one token per patch of ours."""
+    class Recorder(torch.nn.Module):                               # DINOv2's interface; records its input
+        def forward_features(self, img):
+            self.seen = img
+            return {"x_norm_patchtokens": img[:, :, ::14, ::14].flatten(2).transpose(1, 2)}
+
+    net = Recorder()
+    monkeypatch.setattr(torch.hub, "load", lambda *args, **kwargs: net)
+    encode = pixeldit.load_dinov2(torch.device("cpu"), 8)
+    x01 = torch.rand(2, 3, 32, 32)
+    out = encode(x01)
+    mean = torch.tensor(pixeldit.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(pixeldit.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(net.seen, F.interpolate((x01 - mean) / std, size=(56, 56), mode="bicubic"))
+    assert out.shape == (2, 16, 3)
 
 
-def read_png(path):
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-# ---- sampling ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_sample_end_to_end_grid_outdir_npz(runs, name, tmp_path):
-    """Checkpoint -> grid, one PNG per sample and the ADM .npz, all holding the same uint8 samples."""
-    res = sample.main([str(runs[name]), "--n", "5", "--batch-size", "2", "--grid", str(tmp_path / "g.png"),
-                       "--outdir", str(tmp_path / "out"), "--npz", str(tmp_path / "s.npz")] + FAST)
-    assert res["n"] == 5
-    with np.load(tmp_path / "s.npz") as f:
-        assert f.files == ["arr_0"]
-        arr = f["arr_0"]
-    assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8                # ADM format: uint8 NHWC
-    pngs = sorted((tmp_path / "out").glob("*.png"))
-    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
-    for i, p in enumerate(pngs):
-        assert np.array_equal(read_png(p), arr[i])                                # PNG i is npz row i
-    assert not np.array_equal(arr[0], arr[1])                                    # each sample has its own noise
-    grid = read_png(tmp_path / "g.png")
-    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)                             # 5 samples: 3 columns, 2 rows
-    assert np.array_equal(grid[2:34, 2:34], arr[0]) and np.array_equal(grid[36:68, 2:34], arr[3])
-    record = json.loads((tmp_path / "out" / "sample_args.json").read_text())
-    assert record["script"] == name and record["steps"] == 2 and record["config"] == "tiny"
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_sample_independent_of_batch_size(runs, name, tmp_path):
-    """Per-sample seeds: the same images with --batch-size 1 and 4, other images with another --seed."""
-    def run(tag, *extra):
-        sample.main([str(runs[name]), "--n", "4", "--npz", str(tmp_path / f"{tag}.npz")] + FAST + list(extra))
-        return np.load(tmp_path / f"{tag}.npz")["arr_0"].astype(int)
-    a, b, c = run("a", "--batch-size", "1"), run("b", "--batch-size", "4"), run("c", "--seed", "1")
-    assert np.abs(a - b).max() <= 1                     # equal up to float rounding of batched CPU matmuls
-    assert (a == b).mean() > 0.99
-    assert np.abs(a - c).mean() > 5                      # a new seed gives new samples
-    assert np.abs(a - run("d", "--weights", "raw")).mean() > 1    # the raw weights are not the EMA's
-
-
-def test_sample_resume_skips_existing(runs, tmp_path):
-    """A rerun into the same --outdir writes only the missing PNGs (and refuses other sampler settings)."""
-    ckpt, out = str(runs["jit"]), tmp_path / "out"
-    sample.main([ckpt, "--n", "4", "--outdir", str(out), "--batch-size", "3"] + FAST)
-    original = [read_png(sample.png_path(out, i)) for i in range(4)]
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(sample.png_path(out, 1))   # marks a file as "kept"
-    sample.png_path(out, 2).unlink()                                                    # an interrupted sample
-    sample.main([ckpt, "--n", "5", "--outdir", str(out), "--batch-size", "2"] + FAST)   # resume and grow n
-    assert read_png(sample.png_path(out, 1)).max() == 0                                # skipped, not rewritten
-    assert np.array_equal(read_png(sample.png_path(out, 2)), original[2])              # redone identically
-    assert np.array_equal(read_png(sample.png_path(out, 0)), original[0])
-    assert sample.png_path(out, 4).is_file() and not list(out.glob("*.tmp"))
-    with pytest.raises(SystemExit, match="cfg"):
-        sample.main([ckpt, "--n", "5", "--outdir", str(out), "--cfg", "1.5"] + FAST)
-
-
-def test_sample_noise_and_labels_are_pure_functions_of_the_index():
-    a = sample.sample_noise(7, [0, 1, 2, 3], 8)                                       # (4, 3, 8, 8)
-    assert a.shape == (4, 3, 8, 8)
-    assert torch.equal(sample.sample_noise(7, [3], 8)[0], a[3])                       # batch-independent
-    assert not torch.equal(sample.sample_noise(8, [3], 8)[0], a[3])                   # seed-dependent
-    assert not torch.equal(a[0], a[1])
-    assert sample.class_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]                # balanced
-    assert sample.class_labels(5, 1000, [5, 9]).tolist() == [5, 9, 5, 9, 5]
-    assert torch.bincount(sample.class_labels(50_000, 1000)).tolist() == [50] * 1000   # FID-50k: 50 per class
-
-
-def test_sample_clear_errors(runs, tmp_path, monkeypatch):
-    ckpt = str(runs["jit"])
-    with pytest.raises(SystemExit, match="positive"):
-        sample.main([ckpt, "--n", "0", "--grid", "g.png"])
-    with pytest.raises(SystemExit, match="nothing to do"):
-        sample.main([ckpt])
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        sample.main([str(tmp_path / "missing"), "--grid", "g.png"])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="without ckpt.pt"):
-        sample.main([str(tmp_path / "empty"), "--grid", "g.png"])
-    with pytest.raises(SystemExit, match="classes 0..7"):
-        sample.main([ckpt, "--classes", "3,99", "--grid", str(tmp_path / "g.png")] + FAST)
-    bad = dict(torch.load(Path(ckpt) / "ckpt.pt", weights_only=False), script="stylegan")
-    torch.save(bad, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="not by one of our scripts"):
-        sample.main([str(tmp_path / "other.pt"), "--grid", "g.png"])
-    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(SystemExit, match="not a checkpoint of our scripts"):
-        sample.main([str(tmp_path / "foreign.pt"), "--grid", "g.png"])
-    monkeypatch.setattr(sample, "__file__", str(tmp_path / "sample.py"))           # a checkout without jit.py
-    with pytest.raises(SystemExit, match="jit.py is missing"):
-        sample.main([ckpt, "--grid", "g.png"])
-
-
-# ---- standalone: sample.py imports only the script a checkpoint names ------------------------------------------
-
-
-def run_python(args, cwd):
-    """`python ARGS` in a fresh interpreter in `cwd`, without PYTHONPATH (so only `cwd` provides our scripts);
-    returns its stdout and fails the test with its stderr if it exits non-zero."""
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
-def test_sample_import_loads_no_paper_script():
-    """`import sample` in the full checkout pulls in none of jit, pixeldit, pixnerd, deco (a fresh process: this
-    one has imported them all)."""
-    code = "import sys, sample; print('loaded:', *[m for m in sample.SCRIPTS if m in sys.modules])"
-    assert run_python(["-c", code], ROOT).splitlines()[-1] == "loaded:"
-
-
-@pytest.mark.skipif("deco" not in SCRIPTS, reason="needs deco.py")
-def test_sample_runs_with_deco_py_alone(runs, tmp_path):
-    """A folder with only sample.py and deco.py (no jit.py): `python sample.py RUN --grid` on a deco checkpoint
-    works, and its samples are those the full checkout gives."""
-    for f in ("sample.py", "deco.py"):
-        shutil.copy(ROOT / f, tmp_path / f)
-    args = [str(runs["deco"]), "--n", "3", "--npz", "s.npz", "--grid", "g.png"] + FAST
-    out = run_python(["sample.py", *args], tmp_path)
-    assert "deco.py tiny 32px" in out and (tmp_path / "g.png").is_file()
-    sample.main(args[:3] + ["--npz", str(tmp_path / "here.npz")] + FAST)          # the same in this checkout
-    a, b = np.load(tmp_path / "s.npz")["arr_0"].astype(int), np.load(tmp_path / "here.npz")["arr_0"].astype(int)
-    assert a.shape == (3, 32, 32, 3) and np.abs(a - b).max() <= 1                 # up to float rounding
-
-
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_sample_center_crop_is_the_scripts(name):
-    """sample.py's own copy of the ADM center crop (FID reference folders) gives the pixels training gets."""
-    mod = importlib.import_module(name)
-    rng = np.random.default_rng(0)
-    for h, w, size in [(375, 500, 64), (40, 48, 32), (32, 32, 32), (600, 130, 64)]:   # box-halving, bicubic, none
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        a = sample.center_crop_arr(img, size)
-        assert a.shape == (size, size, 3) and np.array_equal(a, mod.center_crop_arr(img, size))
-
-
-def test_sample_setup_distributed_without_torchrun(monkeypatch):
-    from types import SimpleNamespace
-    monkeypatch.delenv("RANK", raising=False)
-    assert sample.setup_distributed(SimpleNamespace(device="cpu")) == (0, 1, torch.device("cpu"))
-
-
-# ---- Fréchet distance --------------------------------------------------------------------------------------------
-
-
-def random_rotation(d, seed):
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
-    return q
-
-
-def test_sample_frechet_distance_closed_forms():
-    rng = np.random.default_rng(0)
-    d = 6
-    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-    a, b = rng.uniform(0.5, 3, d), rng.uniform(0.5, 3, d)
-    # Commuting covariances (same eigenvectors): d^2 = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert sample.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
-    q = random_rotation(d, 1)
-    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-    assert sample.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
-    # 1-d: (mu1 - mu2)^2 + (s1 - s2)^2 for standard deviations s1, s2.
-    assert sample.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9 + 1)
-    # Identical statistics: exactly what FID of a set against itself must give.
-    assert abs(sample.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
-
-
-def test_sample_frechet_distance_general_covariances_symmetric():
-    """Non-commuting covariances: Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), computed independently with
-    symmetric eigendecompositions; and the distance is symmetric in its two arguments."""
-    rng = np.random.default_rng(1)
-    d = 8
-    x, y = rng.normal(size=(50, d)), rng.normal(size=(50, d)) @ rng.normal(size=(d, d))
-    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    r1 = v @ np.diag(np.sqrt(w)) @ v.T                                       # S1^(1/2)
-    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr
-    d12, d21 = sample.frechet_distance(mu1, s1, mu2, s2), sample.frechet_distance(mu2, s2, mu1, s1)
-    assert d12 == pytest.approx(expected, rel=1e-8)
-    assert d12 == pytest.approx(d21, rel=1e-10)
-
-
-def test_sample_frechet_distance_singular_covariances(capsys):
-    """Fewer samples than features make both covariances singular: the eps*I retry keeps the result finite and
-    within sqrt(eps) of the closed form."""
-    q = random_rotation(5, 2)
-    a, b = np.array([2.0, 1.0, 0, 0, 0]), np.array([0.5, 0, 3.0, 0, 0])
-    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-    mu = np.zeros(5)
-    fd = sample.frechet_distance(mu, s1, mu, s2)
-    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert np.isfinite(fd) and fd == pytest.approx(expected, abs=1e-2)
-    assert "singular" in capsys.readouterr().out
-    x = np.random.default_rng(3).normal(size=(4, 16))                         # rank 3 in 16 dims
-    fd = sample.frechet_distance(x.mean(0), np.cov(x, rowvar=False), x.mean(0) + 1, np.cov(x, rowvar=False))
-    assert fd == pytest.approx(16.0, abs=1e-2)                                # same covariance: |1|^2 per dim
-    with pytest.raises(SystemExit, match="different sizes"):
-        sample.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
-
-
-# ---- FID Inception -------------------------------------------------------------------------------------------------
-
-
-def test_sample_inception_architecture_and_output():
-    torch.manual_seed(0)
-    net = sample.FIDInceptionV3().eval()
-    # torchvision's Inception3 without the aux head has 23,834,568 parameters with 1000 classes; with the TF
-    # graph's 1008 classes: + 8*2048 + 8. Any wrong channel count in a block changes this number.
-    assert sum(p.numel() for p in net.parameters()) == 23_834_568 + 8 * 2048 + 8
-    sd = net.state_dict()
-    assert sum(k.endswith(".bn.running_var") for k in sd) == 94                   # 94 conv-bn units
-    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
-    assert sd["Mixed_6e.branch7x7dbl_5.conv.weight"].shape == (192, 192, 1, 7)
-    assert sd["Mixed_7c.branch3x3dbl_3b.bn.running_mean"].shape == (384,)
-    assert sd["fc.weight"].shape == (1008, 2048)
-    with torch.no_grad():
-        f = net(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
-    assert f.shape == (2, 2048) and torch.isfinite(f).all()
-    assert (f >= 0).all() and f.abs().sum() > 0                                   # average of ReLU outputs
-    assert not torch.equal(f[0], f[1])
-
-
-def test_sample_inception_preprocessing_and_tf_pools():
-    """pytorch-fid's input path: [0, 255] -> [-1, 1], bilinear to 299 (a 299 image passes unchanged); the TF
-    average pool ignores padding (a constant map stays constant at the borders)."""
-    x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
-    assert torch.allclose(sample.fid_preprocess(x), x.float() / 255 * 2 - 1, atol=1e-6)
-    assert torch.equal(sample.fid_preprocess(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)),
-                       -torch.ones(1, 3, 299, 299))
-    assert sample.fid_preprocess(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)).eq(1).all()
-    assert torch.equal(sample.tf_avg_pool(torch.ones(1, 2, 5, 5)), torch.ones(1, 2, 5, 5))
-
-
-def test_sample_inception_weight_loader(inception_file, tmp_path):
-    net = sample.load_inception(inception_file)
-    saved = torch.load(inception_file, weights_only=True)
-    assert torch.equal(net.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
-    # Older torch files have no BatchNorm num_batches_tracked entries: they load too.
-    torch.save({k: v for k, v in saved.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pth")
-    sample.load_inception(tmp_path / "old.pth")
-    with pytest.raises(SystemExit, match="pytorch-fid/releases"):
-        sample.load_inception(tmp_path / "nothing.pth")                           # says where to get it
-    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
-    with pytest.raises(SystemExit, match="does not hold the FID Inception weights"):
-        sample.load_inception(tmp_path / "wrong.pth")
-    (tmp_path / "page.pth").write_text("<html>404</html>")
-    with pytest.raises(SystemExit, match="not a PyTorch weight file"):
-        sample.load_inception(tmp_path / "page.pth")
-
-
-def test_sample_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
-    """--fid against a reference folder with --save-stats, then --fid against the written samples' own .npz
-    (arr_0): the sample statistics are those of the uint8 images written, and the saved statistics are the
-    folder's. The 2048-d sqrtm itself (a minute on 2 cores) is replaced by a recorder; the distance is tested
-    against closed forms above."""
-    ref = tmp_path / "ref" / "sub"                            # a subfolder: reference folders are searched recursively
-    ref.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(2):                                        # 40x48: center-cropped to the samples' 32x32
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ref / f"{i}.png")
-    calls = []
-    monkeypatch.setattr(sample, "frechet_distance", lambda *stats: calls.append(stats) or 12.5)
-    common = [str(runs["jit"]), "--n", "2", "--inception-weights", str(inception_file)] + FAST
-    res = sample.main(common + ["--fid", str(tmp_path / "ref"), "--save-stats", str(tmp_path / "stats.npz"),
-                                "--npz", str(tmp_path / "s.npz")])
-    assert res["fid"] == 12.5 and res["n"] == 2 and "2 images" in res["reference"]
-    (mu_s, sig_s, mu_r, sig_r), = calls
-    assert mu_r.shape == (2048,) and sig_r.shape == (2048, 2048) and sig_s.shape == (2048, 2048)
-    assert not np.allclose(mu_s, mu_r)                                         # samples are not the reference
-    with np.load(tmp_path / "stats.npz") as f:                                 # --save-stats: the folder's stats
-        assert np.array_equal(f["mu"], mu_r) and np.array_equal(f["sigma"], sig_r) and int(f["n"]) == 2
-    res = sample.main(common + ["--fid", str(tmp_path / "s.npz")])             # the same 2 samples as reference
-    assert "2 images, arr_0" in res["reference"]
-    mu_s2, sig_s2, mu_r2, sig_r2 = calls[1]
-    assert np.allclose(mu_s2, mu_r2, rtol=1e-5, atol=1e-9) and np.allclose(sig_s2, sig_r2, rtol=1e-4, atol=1e-12)
-    assert np.allclose(mu_s, mu_s2, rtol=1e-5, atol=1e-9)                      # same seed: same samples
+def test_pixeldit_data_presets_for_ffhq128(tmp_path):
+    """`python pixeldit.py --data ffhq128`: 128px, PixelDiT-B/16, unconditional, the paper's lr, shift 1, no flip."""
+    args = pixeldit.get_args(["--data", "ffhq128"])
+    assert (args.img_size, args.config, args.unconditional, args.lr, args.shift, args.flip, args.repa) == (
+        128, "PixelDiT-B/16", True, 1e-4, 1.0, False, False)
+    args = pixeldit.get_args(["--data", "imagenet", "--img-size", "512"])
+    assert (args.config, args.repa, args.shift, args.grad_clip, args.lr_drop_epoch) == (
+        "PixelDiT-XL/16", True, 3.0, 0.5, 160)
 
 
 # =================================================================================================================
 # pixnerd.py
 # =================================================================================================================
-
-
 def randomize_output_layer(model, std=0.1):
     """The field's output Linear is zero-initialised (output exactly 0); give it weights to test anything else."""
     torch.nn.init.normal_(model.field.linear.weight, std=std)
     torch.nn.init.normal_(model.field.linear.bias, std=std)
-
-
-# ---- model -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(pixnerd.CONFIGS))
@@ -1252,9 +969,6 @@ def test_pixnerd_timestep_embedding_uses_max_period_10():
     assert emb.freqs.min() > 0.1 - 1e-3                            # not DiT's 10000: all frequencies in (0.1, 1]
 
 
-# ---- the neural field --------------------------------------------------------------------------------------------
-
-
 def test_pixnerd_dct_features_shape_and_values():
     d = pixnerd.dct_features(16)                                   # (P, 64), pixel k = row * 16 + col
     assert d.shape == (256, 64)
@@ -1320,23 +1034,6 @@ def test_pixnerd_field_sees_only_its_own_patch():
     pixels2[2] += 1
     b = model.field(pixels2, s)
     assert torch.equal(a[[0, 1, 3]], b[[0, 1, 3]]) and not torch.allclose(a[2], b[2])
-
-
-# ---- flow matching -------------------------------------------------------------------------------------------------
-
-
-def test_pixnerd_x_v_conversions_roundtrip_and_clamp():
-    g = torch.Generator().manual_seed(0)
-    x, e = (torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g) for _ in range(2))
-    t = torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64)
-    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
-    v = x - e
-    assert torch.allclose(pixnerd.v_to_x(v, z, t), x, atol=1e-12)
-    assert torch.allclose(pixnerd.x_to_v(x, z, t), v, atol=1e-12)
-    # At t = 1 the clamp caps 1/(1-t) at 1/0.05 = 20: finite, exactly (x - z) * 20; v_to_x stays exact.
-    t1 = torch.ones(4, dtype=torch.float64)
-    assert torch.allclose(pixnerd.x_to_v(x, e, t1), (x - e) / 0.05)
-    assert torch.equal(pixnerd.v_to_x(v, x, t1), x)
 
 
 def test_pixnerd_t_sampler_is_logit_normal_0_1():
@@ -1432,9 +1129,6 @@ def test_pixnerd_repa_without_dinov2_fails_at_start_with_one_line(tmp_path):
                              "--out", str(tmp_path / "r")])       # fails before looking at the (missing) data
 
 
-# ---- sampler ------------------------------------------------------------------------------------------------------
-
-
 class PixNerdFieldModel(torch.nn.Module):
     """A stand-in network for the sampler tests: v = fn(z, t, y), with the attributes sample() reads."""
 
@@ -1448,9 +1142,7 @@ class PixNerdFieldModel(torch.nn.Module):
         return self.fn(z, t, y)
 
 
-def test_pixnerd_defaults_and_grid_are_the_papers():
-    assert pixnerd.sampler_defaults("PixNerd-XL/16", 256) == dict(steps=100, cfg=3.5, interval=(0.1, 1.0),
-                                                                  solver="euler")
+def test_pixnerd_time_grid_is_uniform_and_the_cfg_test_is_float32():
     ts = pixnerd.time_grid(100)                                    # float32 values, as the official grid
     assert len(ts) == 101 and ts[-2] == pytest.approx(0.99) and ts[-1] == 1.0
     assert np.allclose(ts, np.linspace(0, 1, 101), atol=1e-6)
@@ -1491,9 +1183,6 @@ def test_pixnerd_cfg_on_velocity_inside_the_strict_interval_batched():
     expected = noise + (0.2 * v_c + 0.8 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
     assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-5)
     assert [b for b, _ in m3.calls] == [2, 2] + [4] * 8            # cond + uncond in ONE batched forward
-
-
-# ---- training ------------------------------------------------------------------------------------------------------
 
 
 def test_pixnerd_repa_train_step_with_stand_in_encoder():
@@ -1558,54 +1247,654 @@ def test_pixnerd_resume_refuses_to_turn_repa_on(tmp_path):
 
 
 # =================================================================================================================
+# deco.py
+# =================================================================================================================
+DECO_TINY = dict(config="tiny", img_size=32, num_classes=10)
+
+
+def tiny_model(seed=0, randomize=False, **kw):
+    """The tiny config; randomize=True also perturbs the zero-initialised layers so the output is not 0."""
+    torch.manual_seed(seed)
+    m = deco.create_model(DECO_TINY["config"], DECO_TINY["img_size"], DECO_TINY["num_classes"], **kw)
+    if randomize:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("name", list(deco.CONFIGS))
+def test_deco_shapes_and_backward_every_config(name):
+    # every config's real width / heads / patch / decoder, with the DiT cut to 1 block to stay fast on CPU
+    p = deco.CONFIGS[name]["patch"]
+    torch.manual_seed(0)
+    m = deco.create_model(name, 2 * p, 5, depth=1, repa_layer=1, repa_dim=8)
+    z, t, y = torch.randn(2, 3, 2 * p, 2 * p), torch.rand(2), torch.tensor([0, 5])
+    v, h = m(z, t, y, return_repa=True)
+    assert v.shape == z.shape and h.shape == (2, 4, 8)
+    (v - torch.randn_like(v)).square().mean().backward()  # v is 0 at init: only the output layer gets gradient
+    assert m.decoder.linear_out.weight.grad.abs().sum() > 0
+    assert m.decoder.blocks[0].adaLN[1].weight.grad.abs().sum() == 0   # zero-init gate blocks the rest
+
+
+@pytest.mark.parametrize("name,paper", [("DeCo-L/16", 426e6), ("DeCo-XL/16", 682e6)])
+def test_deco_param_counts_match_paper(name, paper):
+    with torch.device("meta"):
+        m = deco.create_model(name, 256, 1000)         # no REPA projector: not part of the official model class
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - paper) / paper < 0.005, n
+    dec = sum(p.numel() for p in m.decoder.parameters())
+    assert 8e6 < dec < 10e6                            # paper: ~8.5M decoder, mostly the H -> 256*32 projection
+
+
+def test_deco_output_exactly_zero_at_init():
+    m = tiny_model()
+    v = m(torch.randn(3, 3, 32, 32), torch.rand(3), torch.tensor([1, 2, 10]))
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+def test_deco_patchify_is_unfold_and_inverts():
+    x = torch.randn(2, 3, 32, 48)
+    xp = deco.patchify(x, 8)
+    assert torch.equal(xp, F.unfold(x, 8, stride=8).transpose(1, 2))   # channel-major, as the official code
+    assert torch.equal(deco.unpatchify(xp, 8, 32, 48), x)
+
+
+def test_deco_rope_pairs_alternate_x_and_y():
+    cos, sin = deco.rope_2d(8, 4)                      # head_dim 8: 2 frequencies, pairs (x f0, y f0, x f1, y f1)
+    assert cos.shape == sin.shape == (16, 8)           # one angle per channel: both channels of a pair share it
+    ang = torch.atan2(sin, cos)
+    pos = torch.linspace(0, 16, 4)
+    token = 1 * 4 + 2                                  # row 1, column 2
+    f1 = 1e4 ** (-4 / 8)
+    expect = torch.tensor([pos[2], pos[1], pos[2] * f1, pos[1] * f1]).repeat_interleave(2)
+    assert torch.allclose(torch.atan2(torch.sin(expect), torch.cos(expect)), ang[token], atol=1e-5)
+
+
+def test_deco_decoder_never_mixes_pixels_of_different_patches():
+    m = tiny_model(randomize=True)
+    p, N, D = m.patch, (32 // m.patch) ** 2, m.s_embed.out_features
+    zp = torch.randn(2, N, 3 * p * p)
+    s = torch.randn(2, N, D)                           # the DiT condition, held fixed
+    out = m.decoder(zp, s)
+    zp2 = zp.clone()
+    zp2[1, 5] += torch.randn(3 * p * p)                # change only patch 5 of image 1
+    out2 = m.decoder(zp2, s)
+    changed = (out2 - out).abs().amax(-1)              # (B, N)
+    assert changed[1, 5] > 1e-3
+    changed[1, 5] = 0
+    assert torch.equal(changed, torch.zeros_like(changed))
+
+
+def test_deco_decoder_pixel_condition_is_per_pixel():
+    # changing one pixel's noisy value changes only that pixel's output (no mixing inside a patch either)
+    m = tiny_model(randomize=True)
+    z = torch.randn(1, 3, 32, 32)
+    s = torch.randn(1, (32 // m.patch) ** 2, m.s_embed.out_features)   # the DiT condition, held fixed
+    out = deco.unpatchify(m.decoder(deco.patchify(z, m.patch), s), m.patch, 32, 32)
+    z2 = z.clone()
+    z2[0, :, 3, 5] += 1.0
+    out2 = deco.unpatchify(m.decoder(deco.patchify(z2, m.patch), s), m.patch, 32, 32)
+    diff = (out2 - out).abs().sum(1)[0]                # (H, W)
+    assert diff[3, 5] > 1e-4 and diff.sum() == diff[3, 5]
+
+
+def test_deco_dct_matrix_orthonormal_and_block_dct_matches_scipy():
+    D = deco.dct_matrix(8)
+    assert torch.allclose(D @ D.T, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    yy, xx = np.mgrid[0:16, 0:24]
+    img = np.stack([np.sin(0.7 * xx) + 0.1 * yy, np.cos(0.3 * xx * yy), (xx - yy) / 10.0])  # (3, 16, 24)
+    coef = deco.block_dct(torch.tensor(img)[None])[0]  # (3, 2, 3, 8, 8) float64
+    for c in range(3):
+        for i in range(2):
+            for j in range(3):
+                ref = scipy.fft.dctn(img[c, 8 * i: 8 * i + 8, 8 * j: 8 * j + 8], type=2, norm="ortho")
+                np.testing.assert_allclose(coef[c, i, j].numpy(), ref, atol=1e-12)
+
+
+def positions(mask):                                   # {(row, col)} where mask is True
+    return {tuple(i) for i in mask.nonzero().tolist()}
+
+
+def test_deco_quantisation_weights_at_85_match_spec():
+    w = deco.frequency_weights(85)
+    w_y, w_c = w[0], w[1]
+    assert abs(w_y[0, 0] - 2.013) < 1e-3 and abs(w_c[0, 0] - 3.874) < 1e-3
+    assert abs(w_y.max() - 3.355) < 1e-3 and positions(w_y == w_y.max()) == {(0, 1), (0, 2)}
+    assert abs(w_y.min() - 0.280) < 1e-3 and positions(w_y == w_y.min()) == {(6, 5), (6, 6)}
+    base_c = torch.tensor(deco.JPEG_CHROMA)
+    assert torch.allclose(w_c[base_c == 99], torch.tensor(0.646, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(w[1], w[2])                     # Cb and Cr share the chroma table
+    assert torch.allclose(w.mean((1, 2)), torch.ones(3, dtype=torch.float64))
+    # the official code rounds, the paper's Fig. 8 truncates: 16 -> floor(16*30/100 + 0.5) = 5 (not 4), 55 -> 17
+    Q = deco.jpeg_table(deco.JPEG_LUMA, 85)
+    assert Q[0, 0] == 5 and Q[1, 7] == 17
+
+
+def test_deco_frequency_loss_at_quality_100_is_ycbcr_mse():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 16, 24), torch.randn(2, 3, 16, 24)
+    M = torch.tensor(deco.YCBCR)
+    ref = torch.einsum("ck,bkhw->bchw", M, a - b).square().mean()
+    assert torch.allclose(deco.frequency_loss(a, b, quality=100), ref, rtol=1e-5)
+    assert deco.frequency_loss(a, b, quality=85) != pytest.approx(ref.item(), rel=1e-3)
+
+
+def test_deco_frequency_loss_zero_for_identical_and_weights_low_frequencies_more():
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 16, 16)
+    assert deco.frequency_loss(a, a.clone()) == 0
+    D = deco.dct_matrix(8).float()
+
+    def pattern(u, v):                                  # one DCT basis image in every block, grey (Y only)
+        E = torch.zeros(8, 8)
+        E[u, v] = 1.0
+        block = D.T @ E @ D                             # inverse DCT: unit energy
+        return block.repeat(2, 2).expand(1, 3, 16, 16).clone()
+    low, high = pattern(0, 1), pattern(7, 7)
+    assert torch.allclose(low.square().sum(), high.square().sum())   # equal energy
+    zero = torch.zeros(1, 3, 16, 16)
+    l_low, l_high = deco.frequency_loss(low, zero), deco.frequency_loss(high, zero)
+    assert l_low > 5 * l_high                           # w_Y[0,1] = 3.355 vs w_Y[7,7] ~ 0.5
+    w = deco.frequency_weights(85)
+    assert l_low.item() == pytest.approx(w[0, 0, 1].item() * 4 / (3 * 4 * 64), rel=1e-5)
+
+
+def test_deco_frequency_loss_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    ref = deco.frequency_loss(a, b)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = deco.frequency_loss(a.bfloat16(), b.bfloat16())
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def test_deco_t_sampler_is_logit_normal_0_1():
+    torch.manual_seed(0)
+    t = deco.sample_t(200_000, "cpu")
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
+
+
+def test_deco_loss_terms_and_label_dropout():
+    m = tiny_model(randomize=True)
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    torch.manual_seed(2)
+    loss, terms = deco.flow_loss(m, x, y, 10, label_drop=0.0, freq_weight=0.7, repa_weight=0.5)
+    assert loss.item() == pytest.approx(terms["mse"].item() + 0.7 * terms["freq"].item(), rel=1e-6)
+    assert terms["repa"] == 0
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
+    deco.flow_loss(m, x, y, 10, label_drop=1.0)        # every label -> the null class
+    assert deco.deco_loss is deco.flow_loss            # the old name still works
+    assert torch.equal(seen[-1], torch.full((4,), 10))
+
+
+def stand_in_encoder(patch, dim=deco.REPA_DIM):
+    """A frozen random strided conv: images in [0, 1] -> (B, N, dim), the DINOv2 interface in miniature."""
+    w = torch.randn(dim, 3, patch, patch, generator=torch.Generator().manual_seed(7))
+
+    def encode(x01):
+        assert 0 <= x01.min() and x01.max() <= 1
+        return F.conv2d(x01, w.to(x01.device), stride=patch).flatten(2).transpose(1, 2)
+    return encode
+
+
+def test_deco_repa_loss_zero_when_aligned_and_trains_projector():
+    m = tiny_model(randomize=True, repa_dim=deco.REPA_DIM)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), return_repa=True)
+    assert deco.repa_loss(h, 3.0 * h.detach()).abs() < 1e-6     # cosine: scale-invariant, aligned -> 0
+    enc = stand_in_encoder(m.patch)
+    loss, terms = deco.flow_loss(m, x, torch.tensor([0, 1]), 10, freq_weight=0.0, repa_weight=1.0, encoder=enc)
+    assert 0 < terms["repa"] < 2 and loss.item() == pytest.approx((terms["mse"] + terms["repa"]).item(), rel=1e-6)
+    _, h = m(x, torch.rand(2), torch.tensor([0, 1]), return_repa=True)
+    deco.repa_loss(h, enc((x + 1) / 2)).backward()     # the REPA term alone
+    assert m.repa_proj[0].weight.grad.abs().sum() > 0
+    assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0      # block 1 = repa_layer feeds the projector
+    assert m.blocks[1].attn.qkv.weight.grad is None              # later blocks get nothing from REPA
+
+
+def test_deco_load_dinov2_from_a_local_hub_checkout(tmp_path):
+    # a stand-in hub repo (hubconf.py) exercises the real loading path offline: torch.hub.load(path, source="local").
+    # Its tokens report what the network was given: channels 0-2 = per-channel input mean, channel 3 = input height.
+    (tmp_path / "hubconf.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def forward_features(self, x):\n"
+        "        B, C, H, W = x.shape\n"
+        "        tok = torch.zeros(B, (H // 14) * (W // 14), 768)\n"
+        "        tok[..., :3] = x.mean((2, 3))[:, None]\n"
+        "        tok[..., 3] = H\n"
+        "        return {'x_norm_patchtokens': tok}\n"
+        "def dinov2_vitb14():\n"
+        "    return Net()\n")
+    encode = deco.load_dinov2("cpu", 16, path=str(tmp_path))
+    out = encode(torch.full((2, 3, 64, 64), 0.5))
+    assert out.shape == (2, 16, 768) and (out[..., 3] == 56).all()  # 64px, patch 16 -> 56px -> 4 x 4 tokens
+    expect = (0.5 - torch.tensor(deco.IMAGENET_MEAN)) / torch.tensor(deco.IMAGENET_STD)   # ImageNet-normalised
+    assert torch.allclose(out[..., :3], expect.expand(2, 16, 3), atol=1e-5)
+
+
+def test_deco_repa_fails_at_start_with_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="no hubconf.py there"):
+        deco.load_dinov2("cpu", 16, path=str(tmp_path / "no_dinov2_here"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "hubconf.py").write_text("raise ImportError('a broken checkout')\n")
+    with pytest.raises(SystemExit, match="could not load DINOv2 ViT-B/14 .*a broken checkout"):
+        deco.load_dinov2("cpu", 16, path=str(tmp_path / "broken"))
+    with pytest.raises(SystemExit, match="--dinov2-path"):         # from main(), before any data is read
+        deco.main(["--repa", "--dinov2-path", str(tmp_path / "nope"), "--data", str(tmp_path / "no_data"),
+                   "--device", "cpu", "--out", str(tmp_path / "run")])
+
+
+class PointMass(torch.nn.Module):
+    """Exact velocity of a point mass at x_star on z_t = t*x_star + (1-t)*e: v = (x_star - z)/(1 - t). Records
+    the batch size of every call; with class-dependent x_star CFG becomes checkable."""
+    config, img_size, num_classes = "DeCo-L/16", 8, 3
+
+    def __init__(self):
+        super().__init__()
+        self.x_star = torch.nn.Parameter(torch.rand(4, 3, 8, 8) * 1.6 - 0.8)   # one target per class + null
+        self.calls = []
+
+    def forward(self, z, t, y):
+        self.calls.append((z.shape[0], float(t[0])))
+        return (self.x_star[y] - z) / (1 - t.view(-1, 1, 1, 1))
+
+
+def test_deco_euler_and_heun_are_exact_on_point_mass_and_grid_is_official():
+    m = PointMass()
+    y = torch.tensor([0, 2])
+    for solver in ("euler", "heun"):
+        out = deco.sample(m, y, steps=10, cfg=1.0, solver=solver, noise=torch.randn(2, 3, 8, 8))
+        assert torch.allclose(out, m.x_star[y].detach(), atol=1e-5)
+    grid = deco.time_grid(100)
+    assert len(grid) == 101 and grid[-1] == 1.0 and grid[-2] == pytest.approx(0.99) and grid[1] == pytest.approx(0.01)
+    m.calls.clear()
+    deco.sample(m, y, steps=10, cfg=1.0, solver="heun")
+    assert len(m.calls) == 10                          # official Heun: corrector reused as the next predictor
+
+
+def test_deco_cfg_batched_only_inside_interval_and_scale_1_is_conditional():
+    m = PointMass()
+    y = torch.tensor([0, 1])
+    noise = torch.randn(2, 3, 8, 8)
+    deco.sample(m, y, steps=20, cfg=3.0, interval=(0.1, 1.0), noise=noise)
+    # t > 0.1: one batched forward of 2B, else B only. The 20-step grid holds t = float32(0.1) exactly: not
+    # guided, as in the official float32 test (a float64 test would guide it).
+    assert [b for b, _ in m.calls] == [2, 2, 2] + [4] * 17 and m.calls[2][1] == np.float32(0.1)
+    m.calls.clear()
+    deco.sample(m, y, steps=10, cfg=1.0, noise=noise)
+    assert {b for b, _ in m.calls} == {2}
+    # CFG on velocity: with all steps guided, the point-mass field extrapolates u + w (c - u) exactly
+    out = deco.sample(m, y, steps=10, cfg=2.0, interval=(-1.0, 1.0), noise=noise)
+    target = (m.x_star[3] + 2.0 * (m.x_star[y] - m.x_star[3])).detach().clamp(-1, 1)
+    assert torch.allclose(out, target, atol=1e-5)
+
+
+def train_args(tmp_path, *extra):
+    return ["--config", "tiny", "--img-size", "32", "--batch-size", "8", "--device", "cpu", "--num-workers", "0",
+            "--out", str(tmp_path / "run"), "--sample-steps", "2", "--log-every", "1", *extra]
+
+
+def test_deco_overfit_one_batch():
+    # one image, 80 steps: the loss (MSE + L_freq) must fall well below its start (1.99 -> 0.38 on our CPU)
+    args = deco.get_args(["--config", "tiny", "--img-size", "32", "--lr", "3e-3", "--device", "cpu"])
+    torch.manual_seed(0)
+    raw, ema, opt = deco.build(args, 8, torch.device("cpu"))
+    x = deco.Shapes(32)[0][0][None].expand(4, -1, -1, -1).contiguous()     # uint8 (4, 3, 32, 32)
+    y = torch.zeros(4, dtype=torch.long)
+    losses = [deco.train_step(raw, ema, opt, x, y, s, args)["loss"].item() for s in range(1, 81)]
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5]), losses
+
+
+def test_deco_cli_repa_with_stand_in_encoder(tmp_path):
+    run = deco.main(train_args(tmp_path, "--steps", "2", "--repa"), encoder=stand_in_encoder(8))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["repa"] < 2 for r in log)
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["model_kwargs"] == {"repa_dim": 768} and "repa_proj.0.weight" in ckpt["model"]
+
+
+def test_deco_init_from_a_smaller_resolution_run(tmp_path):
+    # the paper's 512 recipe in miniature: a 32px run's weights continue at 64px (RoPE tables are rebuilt)
+    small = deco.main(train_args(tmp_path / "s", "--steps", "1"))
+    big = deco.main(train_args(tmp_path / "b", "--steps", "1", "--img-size", "64", "--init-from", str(small)))
+    cs, cb = (torch.load(r / "ckpt.pt", weights_only=False) for r in (small, big))
+    assert cb["img_size"] == 64 and cb["step"] == 1
+    k = "decoder.linear_out.weight"                    # (after 1 step only the output layer has moved from init)
+    assert cs["model"][k].abs().sum() > 0 and not torch.equal(cs["model"][k], cb["model"][k])  # trained on from it
+    assert torch.allclose(cs["model"][k], cb["model"][k], atol=1e-3)
+    # the loaded EMA continues at its decay (0.9999): one update moves it by 1e-4 of (weights - EMA), not 82%
+    ema_before, ema_after, w = cs["ema"][k], cb["ema"][k], cb["model"][k]
+    assert torch.allclose(ema_after, 0.9999 * ema_before + 0.0001 * w, atol=1e-7)
+    with pytest.raises(SystemExit, match="--init-from: that run has repa=False"):
+        deco.main(train_args(tmp_path / "c", "--steps", "1", "--repa", "--init-from", str(small)),
+                  encoder=stand_in_encoder(8))
+
+
+# =================================================================================================================
+# sample.py
+# =================================================================================================================
+ROOT = Path(sample.__file__).resolve().parent
+
+
+# The paper scripts present in this checkout (sample.py must work with whichever exist).
+SCRIPTS = [s for s in sample.SCRIPTS if (ROOT / f"{s}.py").is_file()]
+
+
+FAST = ["--steps", "2", "--device", "cpu", "--num-workers", "0"]       # 2 sampler steps: enough for the plumbing
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One tiny run folder per existing script, written by its own main() (1 training step), so the checkpoint has
+    every contract key. One step leaves the zero-initialised output layers at ~0 (every sample the same flat
+    image), so we then add N(0, 0.02^2) to every weight: samples then depend on their noise and label."""
+    out = {}
+    torch.manual_seed(0)
+    for name in SCRIPTS:
+        mod = importlib.import_module(name)
+        run = tmp_path_factory.mktemp(name) / "run"
+        mod.main(TINY + ["--steps", "1", "--batch-size", "4", "--log-every", "1", "--sample-every", "100",
+                         "--out", str(run)])
+        ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+        for key in ("model", "ema"):
+            for v in ckpt[key].values():
+                if v.is_floating_point():
+                    v.add_(torch.randn_like(v) * 0.02)
+        torch.save(ckpt, run / "ckpt.pt")
+        out[name] = run
+    return out
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A weight file in the published layout, with random weights (the real one is 91 MB and not in the repo)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / sample.INCEPTION_FILE
+    torch.save(sample.FIDInceptionV3().state_dict(), path)
+    return path
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sample_end_to_end_grid_outdir_npz(runs, name, tmp_path):
+    """Checkpoint -> grid, one PNG per sample and the ADM .npz, all holding the same uint8 samples."""
+    res = sample.main([str(runs[name]), "--n", "5", "--batch-size", "2", "--grid", str(tmp_path / "g.png"),
+                       "--outdir", str(tmp_path / "out"), "--npz", str(tmp_path / "s.npz")] + FAST)
+    assert res["n"] == 5
+    with np.load(tmp_path / "s.npz") as f:
+        assert f.files == ["arr_0"]
+        arr = f["arr_0"]
+    assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8                # ADM format: uint8 NHWC
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    for i, p in enumerate(pngs):
+        assert np.array_equal(read_png(p), arr[i])                                # PNG i is npz row i
+    assert not np.array_equal(arr[0], arr[1])                                    # each sample has its own noise
+    grid = read_png(tmp_path / "g.png")
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)                             # 5 samples: 3 columns, 2 rows
+    assert np.array_equal(grid[2:34, 2:34], arr[0]) and np.array_equal(grid[36:68, 2:34], arr[3])
+    record = json.loads((tmp_path / "out" / "sample_args.json").read_text())
+    assert record["script"] == name and record["steps"] == 2 and record["config"] == "tiny"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sample_independent_of_batch_size(runs, name, tmp_path):
+    """Per-sample seeds: the same images with --batch-size 1 and 4, other images with another --seed."""
+    def run(tag, *extra):
+        sample.main([str(runs[name]), "--n", "4", "--npz", str(tmp_path / f"{tag}.npz")] + FAST + list(extra))
+        return np.load(tmp_path / f"{tag}.npz")["arr_0"].astype(int)
+    a, b, c = run("a", "--batch-size", "1"), run("b", "--batch-size", "4"), run("c", "--seed", "1")
+    assert np.abs(a - b).max() <= 1                     # equal up to float rounding of batched CPU matmuls
+    assert (a == b).mean() > 0.99
+    assert np.abs(a - c).mean() > 5                      # a new seed gives new samples
+    assert np.abs(a - run("d", "--weights", "raw")).mean() > 1    # the raw weights are not the EMA's
+
+
+def test_sample_resume_skips_existing(runs, tmp_path):
+    """A rerun into the same --outdir writes only the missing PNGs (and refuses other sampler settings)."""
+    ckpt, out = str(runs["jit"]), tmp_path / "out"
+    sample.main([ckpt, "--n", "4", "--outdir", str(out), "--batch-size", "3"] + FAST)
+    original = [read_png(sample.png_path(out, i)) for i in range(4)]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(sample.png_path(out, 1))   # marks a file as "kept"
+    sample.png_path(out, 2).unlink()                                                    # an interrupted sample
+    sample.main([ckpt, "--n", "5", "--outdir", str(out), "--batch-size", "2"] + FAST)   # resume and grow n
+    assert read_png(sample.png_path(out, 1)).max() == 0                                # skipped, not rewritten
+    assert np.array_equal(read_png(sample.png_path(out, 2)), original[2])              # redone identically
+    assert np.array_equal(read_png(sample.png_path(out, 0)), original[0])
+    assert sample.png_path(out, 4).is_file() and not list(out.glob("*.tmp"))
+    with pytest.raises(SystemExit, match="cfg"):
+        sample.main([ckpt, "--n", "5", "--outdir", str(out), "--cfg", "1.5"] + FAST)
+
+
+def test_sample_noise_and_labels_are_pure_functions_of_the_index():
+    a = sample.sample_noise(7, [0, 1, 2, 3], 8)                                       # (4, 3, 8, 8)
+    assert a.shape == (4, 3, 8, 8)
+    assert torch.equal(sample.sample_noise(7, [3], 8)[0], a[3])                       # batch-independent
+    assert not torch.equal(sample.sample_noise(8, [3], 8)[0], a[3])                   # seed-dependent
+    assert not torch.equal(a[0], a[1])
+    assert sample.class_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]                # balanced
+    assert sample.class_labels(5, 1000, [5, 9]).tolist() == [5, 9, 5, 9, 5]
+    assert torch.bincount(sample.class_labels(50_000, 1000)).tolist() == [50] * 1000   # FID-50k: 50 per class
+
+
+def test_sample_clear_errors(runs, tmp_path, monkeypatch):
+    ckpt = str(runs["jit"])
+    with pytest.raises(SystemExit, match="positive"):
+        sample.main([ckpt, "--n", "0", "--grid", "g.png"])
+    with pytest.raises(SystemExit, match="nothing to do"):
+        sample.main([ckpt])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        sample.main([str(tmp_path / "missing"), "--grid", "g.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="without ckpt.pt"):
+        sample.main([str(tmp_path / "empty"), "--grid", "g.png"])
+    with pytest.raises(SystemExit, match="classes 0..7"):
+        sample.main([ckpt, "--classes", "3,99", "--grid", str(tmp_path / "g.png")] + FAST)
+    bad = dict(torch.load(Path(ckpt) / "ckpt.pt", weights_only=False), script="stylegan")
+    torch.save(bad, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not by one of our scripts"):
+        sample.main([str(tmp_path / "other.pt"), "--grid", "g.png"])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint of our scripts"):
+        sample.main([str(tmp_path / "foreign.pt"), "--grid", "g.png"])
+    monkeypatch.setattr(sample, "__file__", str(tmp_path / "sample.py"))           # a checkout without jit.py
+    with pytest.raises(SystemExit, match="jit.py is missing"):
+        sample.main([ckpt, "--grid", "g.png"])
+
+
+def run_python(args, cwd):
+    """`python ARGS` in a fresh interpreter in `cwd`, without PYTHONPATH (so only `cwd` provides our scripts);
+    returns its stdout and fails the test with its stderr if it exits non-zero."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_sample_import_loads_no_paper_script():
+    """`import sample` in the full checkout pulls in none of jit, pixeldit, pixnerd, deco (a fresh process: this
+    one has imported them all)."""
+    code = "import sys, sample; print('loaded:', *[m for m in sample.SCRIPTS if m in sys.modules])"
+    assert run_python(["-c", code], ROOT).splitlines()[-1] == "loaded:"
+
+
+@pytest.mark.skipif("deco" not in SCRIPTS, reason="needs deco.py")
+def test_sample_runs_with_deco_py_alone(runs, tmp_path):
+    """A folder with only sample.py and deco.py (no jit.py): `python sample.py RUN --grid` on a deco checkpoint
+    works, and its samples are those the full checkout gives."""
+    for f in ("sample.py", "deco.py"):
+        shutil.copy(ROOT / f, tmp_path / f)
+    args = [str(runs["deco"]), "--n", "3", "--npz", "s.npz", "--grid", "g.png"] + FAST
+    out = run_python(["sample.py", *args], tmp_path)
+    assert "deco.py tiny 32px" in out and (tmp_path / "g.png").is_file()
+    sample.main(args[:3] + ["--npz", str(tmp_path / "here.npz")] + FAST)          # the same in this checkout
+    a, b = np.load(tmp_path / "s.npz")["arr_0"].astype(int), np.load(tmp_path / "here.npz")["arr_0"].astype(int)
+    assert a.shape == (3, 32, 32, 3) and np.abs(a - b).max() <= 1                 # up to float rounding
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sample_center_crop_is_the_scripts(name):
+    """sample.py's own copy of the ADM center crop (FID reference folders) gives the pixels training gets."""
+    mod = importlib.import_module(name)
+    rng = np.random.default_rng(0)
+    for h, w, size in [(375, 500, 64), (40, 48, 32), (32, 32, 32), (600, 130, 64)]:   # box-halving, bicubic, none
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        a = sample.center_crop_arr(img, size)
+        assert a.shape == (size, size, 3) and np.array_equal(a, mod.center_crop_arr(img, size))
+
+
+def test_sample_setup_distributed_without_torchrun(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.delenv("RANK", raising=False)
+    assert sample.setup_distributed(SimpleNamespace(device="cpu")) == (0, 1, torch.device("cpu"))
+
+
+def random_rotation(d, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q
+
+
+def test_sample_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.5, 3, d), rng.uniform(0.5, 3, d)
+    # Commuting covariances (same eigenvectors): d^2 = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert sample.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    q = random_rotation(d, 1)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert sample.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    # 1-d: (mu1 - mu2)^2 + (s1 - s2)^2 for standard deviations s1, s2.
+    assert sample.frechet_distance([1.0], [[4.0]], [-2.0], [[9.0]]) == pytest.approx(9 + 1)
+    # Identical statistics: exactly what FID of a set against itself must give.
+    assert abs(sample.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def test_sample_frechet_distance_general_covariances_symmetric():
+    """Non-commuting covariances: Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), computed independently with
+    symmetric eigendecompositions; and the distance is symmetric in its two arguments."""
+    rng = np.random.default_rng(1)
+    d = 8
+    x, y = rng.normal(size=(50, d)), rng.normal(size=(50, d)) @ rng.normal(size=(d, d))
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(w)) @ v.T                                       # S1^(1/2)
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr
+    d12, d21 = sample.frechet_distance(mu1, s1, mu2, s2), sample.frechet_distance(mu2, s2, mu1, s1)
+    assert d12 == pytest.approx(expected, rel=1e-8)
+    assert d12 == pytest.approx(d21, rel=1e-10)
+
+
+def test_sample_frechet_distance_singular_covariances(capsys):
+    """Fewer samples than features make both covariances singular: the eps*I retry keeps the result finite and
+    within sqrt(eps) of the closed form."""
+    q = random_rotation(5, 2)
+    a, b = np.array([2.0, 1.0, 0, 0, 0]), np.array([0.5, 0, 3.0, 0, 0])
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    mu = np.zeros(5)
+    fd = sample.frechet_distance(mu, s1, mu, s2)
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert np.isfinite(fd) and fd == pytest.approx(expected, abs=1e-2)
+    assert "singular" in capsys.readouterr().out
+    x = np.random.default_rng(3).normal(size=(4, 16))                         # rank 3 in 16 dims
+    fd = sample.frechet_distance(x.mean(0), np.cov(x, rowvar=False), x.mean(0) + 1, np.cov(x, rowvar=False))
+    assert fd == pytest.approx(16.0, abs=1e-2)                                # same covariance: |1|^2 per dim
+    with pytest.raises(SystemExit, match="different sizes"):
+        sample.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_sample_inception_architecture_and_output():
+    torch.manual_seed(0)
+    net = sample.FIDInceptionV3().eval()
+    # torchvision's Inception3 without the aux head has 23,834,568 parameters with 1000 classes; with the TF
+    # graph's 1008 classes: + 8*2048 + 8. Any wrong channel count in a block changes this number.
+    assert sum(p.numel() for p in net.parameters()) == 23_834_568 + 8 * 2048 + 8
+    sd = net.state_dict()
+    assert sum(k.endswith(".bn.running_var") for k in sd) == 94                   # 94 conv-bn units
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert sd["Mixed_6e.branch7x7dbl_5.conv.weight"].shape == (192, 192, 1, 7)
+    assert sd["Mixed_7c.branch3x3dbl_3b.bn.running_mean"].shape == (384,)
+    assert sd["fc.weight"].shape == (1008, 2048)
+    with torch.no_grad():
+        f = net(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
+    assert (f >= 0).all() and f.abs().sum() > 0                                   # average of ReLU outputs
+    assert not torch.equal(f[0], f[1])
+
+
+def test_sample_inception_preprocessing_and_tf_pools():
+    """pytorch-fid's input path: [0, 255] -> [-1, 1], bilinear to 299 (a 299 image passes unchanged); the TF
+    average pool ignores padding (a constant map stays constant at the borders)."""
+    x = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
+    assert torch.allclose(sample.fid_preprocess(x), x.float() / 255 * 2 - 1, atol=1e-6)
+    assert torch.equal(sample.fid_preprocess(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)),
+                       -torch.ones(1, 3, 299, 299))
+    assert sample.fid_preprocess(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)).eq(1).all()
+    assert torch.equal(sample.tf_avg_pool(torch.ones(1, 2, 5, 5)), torch.ones(1, 2, 5, 5))
+
+
+def test_sample_inception_weight_loader(inception_file, tmp_path):
+    net = sample.load_inception(inception_file)
+    saved = torch.load(inception_file, weights_only=True)
+    assert torch.equal(net.state_dict()["Mixed_7c.branch_pool.conv.weight"], saved["Mixed_7c.branch_pool.conv.weight"])
+    # Older torch files have no BatchNorm num_batches_tracked entries: they load too.
+    torch.save({k: v for k, v in saved.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pth")
+    sample.load_inception(tmp_path / "old.pth")
+    with pytest.raises(SystemExit, match="pytorch-fid/releases"):
+        sample.load_inception(tmp_path / "nothing.pth")                           # says where to get it
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit, match="does not hold the FID Inception weights"):
+        sample.load_inception(tmp_path / "wrong.pth")
+    (tmp_path / "page.pth").write_text("<html>404</html>")
+    with pytest.raises(SystemExit, match="not a PyTorch weight file"):
+        sample.load_inception(tmp_path / "page.pth")
+
+
+def test_sample_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
+    """--fid against a reference folder with --save-stats, then --fid against the written samples' own .npz
+    (arr_0): the sample statistics are those of the uint8 images written, and the saved statistics are the
+    folder's. The 2048-d sqrtm itself (a minute on 2 cores) is replaced by a recorder; the distance is tested
+    against closed forms above."""
+    ref = tmp_path / "ref" / "sub"                            # a subfolder: reference folders are searched recursively
+    ref.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):                                        # 40x48: center-cropped to the samples' 32x32
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    calls = []
+    monkeypatch.setattr(sample, "frechet_distance", lambda *stats: calls.append(stats) or 12.5)
+    common = [str(runs["jit"]), "--n", "2", "--inception-weights", str(inception_file)] + FAST
+    res = sample.main(common + ["--fid", str(tmp_path / "ref"), "--save-stats", str(tmp_path / "stats.npz"),
+                                "--npz", str(tmp_path / "s.npz")])
+    assert res["fid"] == 12.5 and res["n"] == 2 and "2 images" in res["reference"]
+    (mu_s, sig_s, mu_r, sig_r), = calls
+    assert mu_r.shape == (2048,) and sig_r.shape == (2048, 2048) and sig_s.shape == (2048, 2048)
+    assert not np.allclose(mu_s, mu_r)                                         # samples are not the reference
+    with np.load(tmp_path / "stats.npz") as f:                                 # --save-stats: the folder's stats
+        assert np.array_equal(f["mu"], mu_r) and np.array_equal(f["sigma"], sig_r) and int(f["n"]) == 2
+    res = sample.main(common + ["--fid", str(tmp_path / "s.npz")])             # the same 2 samples as reference
+    assert "2 images, arr_0" in res["reference"]
+    mu_s2, sig_s2, mu_r2, sig_r2 = calls[1]
+    assert np.allclose(mu_s2, mu_r2, rtol=1e-5, atol=1e-9) and np.allclose(sig_s2, sig_r2, rtol=1e-4, atol=1e-12)
+    assert np.allclose(mu_s, mu_s2, rtol=1e-5, atol=1e-9)                      # same seed: same samples
+
+
+# =================================================================================================================
 # bench.py
 # =================================================================================================================
-
-BENCH_ARGS = ["--script", "jit", "--config", "tiny", "--img-size", "32", "--batch-size", "4", "--device", "cpu"]
-
-
-@pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
-def test_default_loader_workers_share_the_cores_among_the_gpus(mod, monkeypatch):
-    """A loader that starves the GPU wastes it: the default is every core this process may use, split among the
-    processes torchrun starts on the machine (LOCAL_WORLD_SIZE), minus one per training process, within [1, 32]."""
-    for cores, local_world, expected in [(16, 1, 15), (16, 2, 7), (16, 16, 1), (2, 1, 1), (256, 1, 32), (256, 8, 31)]:
-        monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-        assert mod.default_workers() == expected
-        assert mod.get_args(["--device", "cpu"]).num_workers == expected
-    assert mod.get_args(["--device", "cpu", "--num-workers", "3"]).num_workers == 3
-
-
-@pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
-def test_each_model_compiles_as_one_graph_with_eager_values(mod):
-    """The torch.compile lever (compile_and_wrap) fuses the whole model only if it traces whole: fullgraph=True
-    raises at the first graph break (a data-dependent branch, an .item(), Python-side state). The aot_eager backend
-    traces forward and backward as inductor does, without generating C++, so this takes seconds on a CPU. The
-    traced model must give the eager outputs and gradients, in training mode, on perturbed (non-zero) weights."""
-    torch.manual_seed(0)
-    model = mod.create_model("tiny", 32, 10)
-    with torch.no_grad():                                          # leave the zero-init: outputs and grads != 0
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    z, t, y = torch.randn(4, 3, 32, 32), torch.rand(4), torch.tensor([0, 3, 9, 10])   # 10 = the null class
-
-    def forward_backward(net):
-        torch.manual_seed(1)                                       # same dropout / label-drop draws in both runs
-        out = net(z, t, y)
-        out.square().mean().backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad(set_to_none=True)
-        return out.detach(), grads
-
-    torch._dynamo.reset()
-    out, grads = forward_backward(model)
-    out_c, grads_c = forward_backward(torch.compile(model, backend="aot_eager", fullgraph=True))
-    assert out.abs().mean() > 0.01
-    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
-    for g, g_c in zip(grads, grads_c):
-        torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
-
-
 def test_bench_attention_is_counted_on_cpu():
     # torch's flop_counter alone counts 0 for the CPU flash kernel; bench adds it: QK^T and PV = 4*B*h*N*N*d
     # forward, 5 matmuls (10*B*h*N*N*d) backward.
@@ -1707,335 +1996,9 @@ def test_bench_all_runs_each_script_in_a_subprocess_and_skips_missing_ones(tmp_p
 def test_bench_clear_errors():
     with pytest.raises(SystemExit, match="no nosuch.py"):
         bench.main(["--script", "nosuch", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="not in jit.py"):
+    with pytest.raises(SystemExit, match="unknown --config 'JiT-Z'"):
         bench.main(BENCH_ARGS[:2] + ["--config", "JiT-Z", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--script"):
         bench.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.main(["--all", "--device", "cpu"])
-
-
-# =================================================================================================================
-# pixeldit.py
-# =================================================================================================================
-
-
-def tiny_encoder(dim=pixeldit.REPA_DIM, seed=0, patch=8):
-    """A stand-in for load_dinov2's encode with the same contract: clean images in [0, 1] (B, 3, H, W) ->
-    (B, (H/patch)^2, dim) tokens, one per patch (a stride-patch embedding). Frozen, like the real teacher."""
-    torch.manual_seed(seed)
-    conv = torch.nn.Conv2d(3, dim, kernel_size=patch, stride=patch).requires_grad_(False)
-    return lambda x01: conv(x01).flatten(2).transpose(1, 2)
-
-
-# ---- model ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(pixeldit.CONFIGS))
-def test_pixeldit_every_config_forward_backward(name):
-    """Each config's real width / heads / patch / pixel width with 2 patch blocks and 1 PiT block, at the smallest
-    image that holds 2x2 patches, so even XL runs on a CPU in about a second. The output is exactly 0 at init
-    (zero-init final linear); once the zero-init layers are perturbed, EVERY parameter (REPA projector included)
-    gets a non-zero gradient: nothing is left unused."""
-    cfg = dict(pixeldit.CONFIGS[name], depth=2, pixel_depth=1, repa_layer=1)
-    size = 2 * cfg["patch"]
-    torch.manual_seed(0)
-    model = pixeldit.PixelDiT(name, size, 10, repa_dim=32, **cfg)
-    z, t, y = torch.randn(2, 3, size, size), torch.rand(2), torch.tensor([3, 10])
-    assert torch.count_nonzero(model(z, t, y)) == 0
-    for m in model.modules():                                      # un-zero adaLN and the final layer
-        if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
-            torch.nn.init.normal_(m.weight, std=0.02)
-    v, h = model(z, t, y, return_repa=True)
-    assert v.shape == z.shape and h.shape == (2, 4, 32)
-    (v.square().mean() + h.square().mean()).backward()
-    assert torch.isfinite(v).all() and v.abs().sum() > 0
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert no_grad == []
-
-
-@pytest.mark.parametrize("name,paper_m", [("PixelDiT-B/16", 184), ("PixelDiT-L/16", 569), ("PixelDiT-XL/16", 797)])
-def test_pixeldit_param_counts_match_paper(name, paper_m):
-    with torch.device("meta"):
-        model = pixeldit.create_model(name, 256, 1000)
-    assert abs(count_params(model) / 1e6 - paper_m) / paper_m < 0.005
-
-
-def test_pixeldit_pixel_tokens_roundtrip_and_same_patch_order_as_the_patch_level():
-    p = 8
-    x = torch.randn(2, 3, 32, 32)
-    tokens = pixeldit.image_to_pixel_tokens(x, p)                   # (B, L, P, c)
-    assert tokens.shape == (2, 16, 64, 3)
-    assert torch.equal(pixeldit.pixel_tokens_to_image(tokens, p), x)
-    assert torch.equal(tokens[0, 1, 2 * p + 3], x[0, :, 2, p + 3])   # patch 1 = row 0, col 1; pixel (2, 3) in it
-    # The patch level (F.unfold, channel-major) sees patch l as exactly the pixels the pixel level groups as patch
-    # l: s_cond of patch l conditions the right pixels.
-    unfolded = F.unfold(x, p, stride=p).transpose(1, 2).reshape(2, 16, 3, p * p)   # (B, L, c, P)
-    assert torch.equal(unfolded.transpose(-1, -2), tokens)
-
-
-def test_pixeldit_compaction_keeps_attention_over_patches_at_512px(monkeypatch):
-    """Tiny config at 512px: 262,144 pixel tokens, but every attention (patch level AND pixel level) runs over the
-    64 x 64 = 4096 compacted patch tokens. Full attention over the pixels would need a 262144^2 score matrix
-    (275 GB in fp32 per head); this runs on a CPU in about a second."""
-    lengths = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording_sdpa(q, k, v, *args, **kwargs):
-        lengths.append(tuple(q.shape))
-        return sdpa(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(pixeldit.F, "scaled_dot_product_attention", recording_sdpa)
-    torch.manual_seed(0)
-    model = pixeldit.create_model("tiny", 512, 10)
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 512, 512), torch.rand(1), torch.tensor([1]))
-    assert out.shape == (1, 3, 512, 512)
-    cfg = pixeldit.CONFIGS["tiny"]
-    assert len(lengths) == cfg["depth"] + cfg["pixel_depth"]
-    assert set(lengths) == {(1, cfg["heads"], 4096, cfg["width"] // cfg["heads"])}
-
-
-def test_pixeldit_pixelwise_modulation_differs_per_pixel():
-    """A PiT block where everything but the modulation is the same for all pixels of a patch: identical input
-    tokens, and an attention branch whose expand layer outputs the same vector for every pixel. Then the pixels
-    of a patch come out different only because each pixel gets its own shift/scale/gate; with a modulation that
-    is the same for all pixels (patch-wise AdaLN), they come out identical."""
-    torch.manual_seed(0)
-    B, L, p, c, D = 2, 4, 4, 16, 32
-    P = p * p
-    for post in (False, True):
-        block = pixeldit.PiTBlock(c, D, 2, p, post_modulation=post)
-        with torch.no_grad():
-            block.expand_from_attn.weight.zero_()
-            block.expand_from_attn.bias.copy_(torch.randn(c).repeat(P))       # same c-vector for every pixel
-        x = torch.randn(B, L, 1, c).expand(B, L, P, c).contiguous()           # all pixels of a patch equal
-        s_cond, (cos, sin) = torch.randn(B, L, D), pixeldit.rope_2d(D // 2, 2)
-        mod = block.adaLN_modulation[0]
-        torch.nn.init.normal_(mod.weight, std=0.5)
-        torch.nn.init.normal_(mod.bias, std=0.5)
-        with torch.no_grad():
-            out = block(x, s_cond, cos, sin)                                  # (B, L, P, c)
-            assert out.std(dim=2).min() > 1e-3                                # every patch: pixels differ
-            # Patch-wise modulation: copy pixel 0's rows of the modulation Linear to every pixel.
-            mod.weight.copy_(mod.weight.view(P, -1, D)[:1].expand(P, -1, D).reshape(-1, D))
-            mod.bias.copy_(mod.bias.view(P, -1)[:1].expand(P, -1).reshape(-1))
-            out = block(x, s_cond, cos, sin)
-        assert out.std(dim=2).max() < 1e-6                                    # pixels of a patch identical
-
-
-def test_pixeldit_rope_layout_and_positions():
-    """Positions linspace(0, 16, h); channel pair 2k turns with the column, pair 2k+1 with the row, both at
-    frequency 10000^(-4k/d). Checked on a 3x3 grid, d = 8: token 5 is row 1, col 2 -> x = 16, y = 8."""
-    cos, sin = pixeldit.rope_2d(8, 3)
-    angle = torch.atan2(sin, cos)                                              # (9, 8)
-    f = torch.tensor([1.0, 10_000 ** -0.5])
-    expected = torch.stack([16 * f, 8 * f], -1).flatten().repeat_interleave(2)  # [x f0, x f0, y f0, y f0, x f1, ...]
-    assert torch.allclose(angle[5], torch.remainder(expected + math.pi, 2 * math.pi) - math.pi, atol=1e-5)
-    # Rotation preserves the norm and is the identity at position (0, 0).
-    q = torch.randn(1, 1, 9, 8)
-    r = pixeldit.apply_rope(q, cos, sin)
-    assert torch.allclose(r.norm(dim=-1), q.norm(dim=-1), atol=1e-5) and torch.equal(r[..., 0, :], q[..., 0, :])
-
-
-# ---- flow matching ----------------------------------------------------------------------------------------------
-
-
-def test_pixeldit_conversions_roundtrip_and_clamp():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g)
-    e = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g)
-    t = torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64)
-    z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * e
-    assert torch.allclose(pixeldit.v_to_x(x - e, z, t), x, atol=1e-12)
-    assert torch.allclose(pixeldit.x_to_v(x, z, t), x - e, atol=1e-12)
-    out = pixeldit.x_to_v(x, e, torch.ones(4, dtype=torch.float64))           # t = 1: capped at 1/0.05
-    assert torch.isfinite(out).all() and torch.allclose(out, (x - e) / 0.05)
-
-
-def test_pixeldit_time_shift_formula_and_t_sampler():
-    t = torch.tensor([0.1, 0.5, 0.9])
-    assert torch.equal(pixeldit.shift_t(t, 1.0), t)
-    assert torch.allclose(pixeldit.shift_t(torch.tensor(0.5), 3.0), torch.tensor(0.25))
-    logit = lambda u: torch.log(u / (1 - u))
-    assert torch.allclose(logit(pixeldit.shift_t(t, 3.0)), logit(t) - math.log(3.0), atol=1e-5)
-    torch.manual_seed(0)
-    ts = pixeldit.sample_t(200_000, "cpu", shift=3.0)                         # sigmoid(N(0,1)), shifted
-    assert abs(logit(ts).mean() + math.log(3.0)) < 0.01 and abs(logit(ts).std() - 1.0) < 0.01
-    assert pixeldit.default_shift(256) == 1.0 and pixeldit.default_shift(512) == 3.0
-    grid = pixeldit.time_grid(4, 1.0)
-    assert np.allclose(grid, [0, 0.25, 0.5, 0.75, 1.0])                       # linspace(0, 1-1/N, N) + [1]
-    assert np.allclose(pixeldit.time_grid(4, 3.0), [u / (u + 3 * (1 - u)) for u in grid])
-
-
-class PixelDiTOracle(torch.nn.Module):
-    """Knows the x and e the loss will draw; returns v = x - e and, for REPA, a chosen feature."""
-
-    def __init__(self, x, e, feature=None, patch=8):
-        super().__init__()
-        self.x, self.e, self.feature, self.patch = x, e, feature, patch
-
-    def forward(self, z, t, y, return_repa=False):
-        v = self.x - self.e
-        return (v, self.feature) if return_repa else v
-
-
-def test_pixeldit_loss_zero_for_perfect_velocity_and_repa_aligned_features():
-    torch.manual_seed(0)
-    x, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, dtype=torch.long)
-    encoder = tiny_encoder()
-    target = encoder((x + 1) / 2)                                             # (B, 16, 768): one per patch
-    assert target.shape == (4, 16, 768)
-    torch.manual_seed(1)
-    pixeldit.sample_t(4, "cpu")                                               # replay the loss's draws to get e
-    e = torch.randn_like(x)
-    for feature, expected in ((None, 0.0), (2.5 * target, 0.0), (-target, 2 * pixeldit.REPA_WEIGHT)):
-        # Aligned features (any positive scale): REPA term 0. Opposite ones: 1 - cos = 2, times weight 0.5.
-        torch.manual_seed(1)
-        loss, terms = pixeldit.flow_loss(PixelDiTOracle(x, e, feature), x, y, 10,
-                                         encoder=None if feature is None else encoder)
-        assert abs(loss.item() - expected) < 1e-5 and terms["mse"].item() < 1e-10
-        assert terms["repa"].item() == pytest.approx(expected / pixeldit.REPA_WEIGHT, abs=1e-5)
-
-
-# ---- sampler ----------------------------------------------------------------------------------------------------
-
-
-class PixelDiTFieldModel(torch.nn.Module):
-    """A stand-in network for the sampler tests: v = fn(z, t, y), with the attributes sample() reads."""
-
-    def __init__(self, fn, num_classes=10, size=8):
-        super().__init__()
-        self.fn, self.num_classes, self.img_size, self.config = fn, num_classes, size, "PixelDiT-XL/16"
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-        self.calls = []
-
-    def forward(self, z, t, y):
-        self.calls.append(z.shape[0])
-        return self.fn(z, t, y)
-
-
-def test_pixeldit_adams_bashforth_is_exact_on_a_linear_field():
-    """v = a + b t. On the uniform grid (shift 1) AB2's 1.5 v_i - 0.5 v_{i-1} = a + b (t_i + h/2) is the exact
-    mean of v over the step, so only the first (Euler) step errs, by -b h^2 / 2: z_1 = z_0 + a + b/2 - b h^2/2.
-    One network call per step. Heun is exact except its last (Euler) step, which errs by the same amount."""
-    a, b, steps = 0.3, -0.4, 10
-    h = 1 / steps
-    y = torch.zeros(3, dtype=torch.long)
-    noise = torch.randn(3, 3, 8, 8) * 0.2
-    expected = noise + a + b / 2 - b * h * h / 2
-    for solver, calls in (("ab2", steps), ("heun", 2 * (steps - 1) + 1)):
-        model = PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a) + b * t.view(-1, 1, 1, 1))
-        out = pixeldit.sample(model, y, steps=steps, cfg=1.0, noise=noise, solver=solver, shift=1.0)
-        assert torch.allclose(out, expected, atol=1e-6) and len(model.calls) == calls
-    # Euler's error is b h / 2 (it sees v at the left end of every step): far from exact.
-    model = PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a) + b * t.view(-1, 1, 1, 1))
-    out = pixeldit.sample(model, y, steps=steps, cfg=1.0, noise=noise, solver="euler", shift=1.0)
-    assert torch.allclose(out, noise + a + b / 2 - b * h / 2, atol=1e-6)
-    # A constant field is integrated exactly by every solver on the shifted grid too: it runs from 0 to 1.
-    for solver in ("ab2", "euler", "heun"):
-        out = pixeldit.sample(PixelDiTFieldModel(lambda z, t, y: torch.full_like(z, a)), y, steps=7, cfg=1.0,
-                              noise=noise, solver=solver, shift=3.0)
-        assert torch.allclose(out, noise + a, atol=1e-6)
-
-
-def test_pixeldit_sampler_defaults_are_the_official_ones():
-    assert pixeldit.sampler_defaults("PixelDiT-XL/16", 256) == dict(steps=100, cfg=3.25, interval=(0.1, 1.0),
-                                                                    solver="ab2", shift=1.0)
-    assert pixeldit.sampler_defaults("PixelDiT-XL/16", 512) == dict(steps=100, cfg=3.5, interval=(0.1, 1.0),
-                                                                    solver="ab2", shift=2.0)
-
-
-def test_pixeldit_cfg_scale_one_is_conditional_and_guidance_is_batched_inside_the_interval():
-    fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)          # label-dependent velocity
-    noise = torch.randn(2, 3, 8, 8) * 0.1
-    y = torch.tensor([2, 5])
-    m1 = PixelDiTFieldModel(fn)
-    out1 = pixeldit.sample(m1, y, steps=4, cfg=1.0, noise=noise, solver="euler", shift=1.0)
-    assert torch.allclose(out1, noise + (y.float() / 10).view(-1, 1, 1, 1), atol=1e-6)
-    assert m1.calls == [2, 2, 2, 2]                                # no unconditional pass at all with cfg = 1
-    m3 = PixelDiTFieldModel(fn)
-    out3 = pixeldit.sample(m3, y, steps=4, cfg=3.0, interval=(0.1, 0.6), noise=noise, solver="euler", shift=1.0)
-    # Grid 0, .25, .5, .75: only t = .25 and .5 lie in (0.1, 0.6) and are guided: v_u + 3 (v_c - v_u).
-    v_c, v_u = y.float() / 10, torch.ones(2)                       # null label = 10 -> v_u = 1
-    expected = noise + (0.5 * v_c + 0.5 * (v_u + 3 * (v_c - v_u))).view(-1, 1, 1, 1)
-    assert torch.allclose(out3, expected.clamp(-1, 1), atol=1e-6)
-    assert m3.calls == [2, 4, 4, 2]                                # cond + uncond in ONE batched forward
-
-
-# ---- training loop, CLI, checkpoints ----------------------------------------------------------------------------
-
-
-def test_pixeldit_cli_with_repa_and_post_modulation(tmp_path):
-    """The REPA path of main() with a tiny stand-in teacher: the projector is trained and saved with the model,
-    model_kwargs rebuilds it, and resuming with another --post-modulation is refused."""
-    run = pixeldit.main(TINY + ["--steps", "2", "--batch-size", "4", "--sample-every", "100", "--repa",
-                                "--post-modulation", "--out", str(tmp_path / "run")], encoder=tiny_encoder())
-    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
-    assert ckpt["model_kwargs"] == dict(post_modulation=True, repa_dim=768)
-    assert ckpt["model"]["repa_proj.4.weight"].shape == (768, 64)
-    assert ckpt["model"]["pixel_blocks.0.adaLN_modulation.0.weight"].shape == (4 * 64 * 16, 64)  # 4 sets, no gates
-    model = pixeldit.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
-    assert math.isfinite(read_log(run)[-1]["loss"])
-    with pytest.raises(SystemExit, match="post_modulation=True"):
-        pixeldit.main(TINY + ["--steps", "3", "--batch-size", "4", "--repa", "--no-post-modulation",
-                              "--out", str(run), "--resume"], encoder=tiny_encoder())
-
-
-HUBCONF = """
-import torch
-
-class TinyDino(torch.nn.Module):            # DINOv2's interface: forward_features(x)["x_norm_patchtokens"]
-    def __init__(self):
-        super().__init__()
-        self.patch_embed = torch.nn.Conv2d(3, 768, kernel_size=14, stride=14)
-
-    def forward_features(self, x):
-        return {"x_norm_patchtokens": self.patch_embed(x).flatten(2).transpose(1, 2)}
-
-def dinov2_vitb14(pretrained=True):
-    return TinyDino()
-"""
-
-
-def test_pixeldit_repa_loads_from_dinov2_path_and_fails_at_start_without_it(tmp_path):
-    """--dinov2-path goes through torch.hub.load(path, "dinov2_vitb14", source="local"): a missing checkout stops
-    the run before anything is created; a (stand-in) checkout with DINOv2's interface trains."""
-    with pytest.raises(SystemExit, match="--repa: could not load DINOv2 ViT-B/14"):
-        pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "no-dinov2"), "--out", str(tmp_path / "r")])
-    assert not (tmp_path / "r").exists()                           # nothing started
-    (tmp_path / "dinov2").mkdir()
-    (tmp_path / "dinov2" / "hubconf.py").write_text(HUBCONF)
-    run = pixeldit.main(TINY + ["--repa", "--dinov2-path", str(tmp_path / "dinov2"), "--steps", "1",
-                                "--batch-size", "4", "--out", str(tmp_path / "r")])
-    assert "repa_proj.0.weight" in torch.load(run / "ckpt.pt", weights_only=False)["model"]
-
-
-def test_pixeldit_dinov2_encode_normalises_and_resizes_inside(monkeypatch):
-    """load_dinov2's encode takes clean [0, 1] images: it ImageNet-normalises them, then bicubic-resizes to
-    14 * (H / patch) (32px, p=8 -> 56px), so DINOv2 (patch 14) returns one token per patch of ours."""
-    class Recorder(torch.nn.Module):                               # DINOv2's interface; records its input
-        def forward_features(self, img):
-            self.seen = img
-            return {"x_norm_patchtokens": img[:, :, ::14, ::14].flatten(2).transpose(1, 2)}
-
-    net = Recorder()
-    monkeypatch.setattr(torch.hub, "load", lambda *args, **kwargs: net)
-    encode = pixeldit.load_dinov2(torch.device("cpu"), 8)
-    x01 = torch.rand(2, 3, 32, 32)
-    out = encode(x01)
-    mean = torch.tensor(pixeldit.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(pixeldit.IMAGENET_STD).view(1, 3, 1, 1)
-    assert torch.equal(net.seen, F.interpolate((x01 - mean) / std, size=(56, 56), mode="bicubic"))
-    assert out.shape == (2, 16, 3)
-
-
-def test_pixeldit_data_presets_for_ffhq128(tmp_path):
-    """`python pixeldit.py --data ffhq128`: 128px, PixelDiT-B/16, unconditional, the paper's lr, shift 1, no flip."""
-    args = pixeldit.get_args(["--data", "ffhq128"])
-    assert (args.img_size, args.config, args.unconditional, args.lr, args.shift, args.flip, args.repa) == (
-        128, "PixelDiT-B/16", True, 1e-4, 1.0, False, False)
-    args = pixeldit.get_args(["--data", "imagenet", "--img-size", "512"])
-    assert (args.config, args.repa, args.shift, args.grad_clip, args.lr_drop_epoch) == (
-        "PixelDiT-XL/16", True, 3.0, 0.5, 160)
