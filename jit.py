@@ -22,11 +22,14 @@ Official code: LTH14/JiT (PyTorch). Differences from it: grep "DIFF:".
 """
 
 import argparse
+import atexit
 import copy
 import json
 import math
 import os
 import random
+import signal
+import socket
 import sys
 import time
 import warnings
@@ -487,6 +490,15 @@ def center_crop_arr(img, size):
     return arr[top: top + size, left: left + size]
 
 
+def open_rgb(path):
+    """An image file as 8-bit RGB. 16-bit greyscale (PIL modes "I;16", "I") is scaled to 8 bits: PIL's own
+    conversion clips it, so mid-grey would come out white. Palette, alpha, CMYK and 1-bit images convert as usual."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Every image under `root`, searched recursively. Class subfolders (ImageNet layout: every image inside a
     top-level folder) give class labels; otherwise (FFHQ) one class. Returns (uint8 (3, H, W), label): the
@@ -504,7 +516,7 @@ class ImageFolder(torch.utils.data.Dataset):
             self.labels = [index[q[0]] for q in parts]
         else:
             self.classes, self.labels = ["all"], [0] * len(self.files)
-        self.bad = 0    # unreadable files met by this process (each DataLoader worker counts its own)
+        self.bad = set()    # unreadable files met by this process (each DataLoader worker has its own)
 
     def __len__(self):
         return len(self.files)
@@ -513,12 +525,12 @@ class ImageFolder(torch.utils.data.Dataset):
         for j in range(i, i + 100):                    # an unreadable file is replaced by the next readable one
             path = self.files[j % len(self.files)]
             try:
-                with Image.open(path) as img:
-                    arr = center_crop_arr(img.convert("RGB"), self.size)
+                arr = center_crop_arr(open_rgb(path), self.size)
                 return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.labels[j % len(self.files)]
             except (OSError, ValueError, Image.DecompressionBombError) as err:
-                self.bad += 1
-                warnings.warn(f"skipping unreadable image {path} ({err}); {self.bad} skipped so far here")
+                if path not in self.bad:                # one warning per file, not one per epoch
+                    self.bad.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({err}); {len(self.bad)} skipped so far here")
         # RuntimeError, not SystemExit: a DataLoader worker passes an Exception's message back to the main process.
         raise RuntimeError(f"100 unreadable images in a row under {self.root}: is this an image folder?")
 
@@ -554,15 +566,26 @@ def make_batches(dataset, args, rank, world, device, data_state):
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, worker_init_fn=ignore_sigint,
         generator=torch.Generator().manual_seed(args.seed))   # its own RNG: a new epoch must not draw from the
     while True:                                               # global one, or a resumed run would diverge
         sampler.set_epoch(data_state["epoch"])
         sampler.skip = data_state["pos"] * loader.batch_size
-        for x, y in loader:
-            data_state["pos"] += 1
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        try:
+            for x, y in loader:
+                data_state["pos"] += 1
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        except RuntimeError as err:                          # raised in a worker (its last line says what), or
+            last = str(err).strip().splitlines()[-1]          # a worker was killed
+            hint = " (out of host memory? try a lower --num-workers)" if "exited unexpectedly" in last else ""
+            raise SystemExit(f"data loading failed: {last}{hint}. Once fixed, continue with --resume {args.out} "
+                             "(from its last checkpoint).") from None
         data_state["epoch"], data_state["pos"] = data_state["epoch"] + 1, 0
+
+
+def ignore_sigint(worker_id):
+    """Loader workers leave Ctrl-C to the main process, which saves and stops the run (main)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers():
@@ -721,7 +744,13 @@ def set_rng_state(state):
 
 def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank):
     """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
-    then os.replace: a kill mid-write never corrupts ckpt.pt."""
+    then os.replace: a kill mid-write never corrupts ckpt.pt. Weights or EMA that are not finite are never saved:
+    the run stops and the previous checkpoint stays."""
+    tensors = list(raw.state_dict().items()) + list(ema.model.state_dict().items())
+    finite = torch.stack([torch.isfinite(v).all() for _, v in tensors if v.is_floating_point()])
+    if not finite.all():                                            # one host sync per checkpoint
+        raise SystemExit(f"the weights are not finite at step {step}: not saved. {path} holds the last good "
+                         "checkpoint; resume from it with a lower --lr (or --precision fp32).")
     rngs = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, rng_state())
@@ -729,9 +758,14 @@ def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, wo
         rngs = [rng_state()]
     if rank == 0:
         tmp = Path(str(path) + ".tmp")
-        torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
-                        model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
-                        opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
+        try:
+            torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
+                            model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
+                            opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
+        except (OSError, RuntimeError) as err:          # disk full or quota (torch's writer raises RuntimeError)
+            tmp.unlink(missing_ok=True)
+            raise SystemExit(f"could not write {path} ({str(err).splitlines()[0][:100]}): is the disk full? Free "
+                             "space or use another --out; the previous checkpoint is intact.") from None
         os.replace(tmp, path)
 
 
@@ -747,7 +781,12 @@ def find_checkpoint(path):
 def load_checkpoint(path):
     """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
     read only when used (get_args reads just the settings)."""
-    ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False, mmap=True)
+    path = find_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:                            # empty, truncated, random bytes: the zip reader or unpickler
+        raise SystemExit(f"{path} is not a readable checkpoint (truncated or corrupt? {type(err).__name__}); resume "
+                         "from another copy, or start a new run with another --out.") from None
     made_by = ckpt.get("script", "unknown") if isinstance(ckpt, dict) else "unknown"
     if made_by != SCRIPT:
         raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
@@ -768,14 +807,56 @@ def restore(args, raw, ema, opt, num_classes, rank):
     ema.model.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    log = Path(args.out) / "log.jsonl"
+    if rank == 0 and log.exists():                      # what a killed run logged after its last checkpoint
+        rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= ckpt["step"]]
+        log.write_text("".join(r + "\n" for r in rows))
     return ckpt["step"], dict(ckpt["data"])
+
+
+def lock_run(run):
+    """One training process per run folder: RUN/lock holds the host and PID of the run using it; a second run into
+    the folder (a fresh start, or a --resume while it trains) stops with a message. A lock whose process is gone
+    (killed on this host) is taken over; the lock goes when the process exits."""
+    lock = run / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(":")
+            if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
+                lock.unlink(missing_ok=True)            # a stale lock, or our own from an earlier main() call
+                continue
+            raise SystemExit(f"{run} is in use by process {pid or '?'} on {host or '?'}: wait for it to finish or "
+                             f"use another --out (if that run is gone, delete {lock}).")
+    os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
+    os.close(fd)
+    atexit.register(lock.unlink, missing_ok=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)                                 # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain `python jit.py`:
     one process on --device. Returns (rank, world_size, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    have = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    try:
+        device = torch.device(name)
+    except RuntimeError:                                # not a device name torch knows
+        device = None
+    if device is None or device.type not in have:
+        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}.")
     if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
@@ -863,11 +944,12 @@ def resolve_args(p, argv):
     by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
-    first, saved = known(), {}
+    first, saved, done = known(), {}, 0
     if first.resume is not None:
         first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
-        saved = {k: v for k, v in load_checkpoint(first.resume)["args"].items() if k in vars(first)}
-        saved = {k: v for k, v in saved.items() if k not in MACHINE}
+        ckpt = load_checkpoint(first.resume)
+        saved = {k: v for k, v in ckpt["args"].items() if k in vars(first) and k not in MACHINE}
+        done = ckpt["step"]
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
     p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
@@ -879,10 +961,42 @@ def resolve_args(p, argv):
                              f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
     args.resume = first.resume
     args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
+    check_numbers(args)
+    if args.steps < done:
+        raise SystemExit(f"--steps {args.steps}: {args.resume} is already at step {done}; pass a larger --steps.")
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     return args
+
+
+def stop_requested(stop, step, args, world, device):
+    """Whether to stop after this step: a signal was seen (one process), or seen by any rank at a log step, when
+    all ranks agree through one all_reduce, so that they stop at the same step (torchrun)."""
+    if world == 1:
+        return bool(stop)
+    if step % args.log_every:
+        return False
+    flag = torch.tensor(float(bool(stop)), device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def check_numbers(args):
+    """Values that cannot work stop the run at start, with the flag, its value and the rule. Checked after the
+    presets and a resumed run's settings are merged, so those are checked too."""
+    for key in ("img_size", "batch_size", "steps", "ckpt_every", "sample_every", "log_every"):
+        if getattr(args, key) <= 0:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: must be a positive whole number.")
+    for key in ("lr", "blr"):
+        if getattr(args, key, None) is not None and not getattr(args, key) > 0:        # NaN fails this too
+            raise SystemExit(f"--{key} {getattr(args, key)}: the learning rate must be a positive number.")
+    if not 0 <= args.ema < 1:
+        raise SystemExit(f"--ema {args.ema}: the EMA decay must be in [0, 1).")
+    if args.num_workers < 0:
+        raise SystemExit(f"--num-workers {args.num_workers}: must be 0 (load in this process) or more.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out}: that is a file; give a folder for the run.")
 
 
 def main(argv=None):
@@ -908,14 +1022,17 @@ def main(argv=None):
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
     args.warmup_steps = int(args.warmup_epochs * len(dataset) // args.batch_size)   # paper Tab. 9: 5 epochs
 
+    run = Path(args.out)
+    if rank == 0:                                       # from here on, this process owns the run folder
+        run.mkdir(parents=True, exist_ok=True)
+        lock_run(run)
+
     # Setup model, EMA, optimizer, and on --resume all of their state.
     raw, ema, opt = build(args, num_classes, device)
     step, data_state = restore(args, raw, ema, opt, num_classes, rank)
     model = compile_and_wrap(raw, args, device, ddp=world > 1)
     batches = make_batches(dataset, args, rank, world, device, data_state)
-    run = Path(args.out)
     if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
         (run / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         print(f"{args.config} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M params, patch {raw.patch}, "
               f"pred {args.pred}, loss {args.loss}) on {len(dataset)} images, {num_classes} classes, {world} x "
@@ -925,13 +1042,16 @@ def main(argv=None):
 
     # Training loop.
     log = LossLog(run / "log.jsonl", args, world, rank)
+    stop, stopping = [], False                          # Ctrl-C or SIGTERM: finish the step, save, exit
+    before = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
     while step < args.steps:
         x, y = next(batches)                            # (B/world, 3, H, W) uint8, (B/world,) long, on the device
         step += 1
         log.add(train_step(model, ema, opt, x, y, step, args))
         bar.update(1)
-        save = step % args.ckpt_every == 0 or step == args.steps
+        stopping = stop_requested(stop, step, args, world, device)
+        save = step % args.ckpt_every == 0 or step == args.steps or stopping
         if step % args.log_every == 0 or save:
             log.write(step, bar)                        # before any save: a NaN run stops, never checkpointed
         if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
@@ -939,7 +1059,13 @@ def main(argv=None):
             save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
         if save:
             save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
+        if stopping:
+            break
     bar.close()
+    for sig, handler in before.items():                 # the caller's Ctrl-C again
+        signal.signal(sig, handler)
+    if stopping:
+        raise SystemExit(f"stopped at step {step}, saved {run}/ckpt.pt; continue with --resume {run}")
     if world > 1:
         dist.destroy_process_group()
     return run

@@ -9,8 +9,13 @@ import importlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -70,10 +75,11 @@ SHARED = {
                           "make_dataset", "ResumableSampler", "make_batches", "default_workers", "EMA", "unwrap",
                           "compile_and_wrap", "LossLog", "save_grid", "rng_state", "set_rng_state", "save_checkpoint",
                           "find_checkpoint", "load_checkpoint", "restore", "setup_distributed", "Help",
-                          "resolve_args", "Shapes"]),
+                          "resolve_args", "Shapes", "open_rgb", "ignore_sigint", "lock_run", "alive",
+                          "stop_requested"]),
     "the v-predicting three": ([pixeldit, pixnerd, deco], ["rope_2d", "apply_rope", "Attention", "SwiGLU.__init__",
                                                            "SwiGLU.forward", "x_to_v", "v_to_x", "velocity",
-                                                           "repa_loss", "repa_encoder"]),
+                                                           "repa_loss", "repa_encoder", "load_dinov2"]),
 }
 
 
@@ -171,6 +177,167 @@ def test_every_script_resumes_with_identical_losses_and_weights(mod, tmp_path):
     assert cb["step"] == 4 and cb["data"] == ca["data"] == {"epoch": 0, "pos": 4}
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]) and torch.equal(ca["ema"][key], cb["ema"][key]), key
+
+
+# ---- nothing lost: Ctrl-C, NaN weights, a killed run's log, two runs in one folder ----
+RUN6 = TINY + ["--batch-size", "4", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "4"]
+
+
+@by_script
+def test_every_script_saves_on_ctrl_c_at_the_current_step_and_resumes_exactly(mod, tmp_path, monkeypatch):
+    """SIGINT during step 3 (checkpoints every 4): the step finishes, ckpt.pt is written AT step 3, one line says how
+    to continue, and the resumed run ends bit-identical to a run that was never interrupted."""
+    straight = mod.main(RUN6 + ["--steps", "6", "--out", str(tmp_path / "a")])
+    real = mod.train_step
+
+    def train_step(model, ema, opt, x, y, step, args, *rest):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)             # Ctrl-C while the step runs
+        return real(model, ema, opt, x, y, step, args, *rest)
+    monkeypatch.setattr(mod, "train_step", train_step)
+    run = tmp_path / "b"
+    with pytest.raises(SystemExit, match=f"stopped at step 3, saved {run}/ckpt.pt; continue with --resume {run}"):
+        mod.main(RUN6 + ["--steps", "6", "--out", str(run)])
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the caller's handler is back
+    monkeypatch.setattr(mod, "train_step", real)
+    mod.main(RUN6 + ["--steps", "6", "--out", str(run), "--resume"])
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    ca, cb = (torch.load(r / "ckpt.pt", weights_only=False) for r in (straight, run))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+
+
+@by_script
+def test_every_script_never_checkpoints_non_finite_weights(mod, tmp_path, monkeypatch):
+    """NaN weights after step 4 while the loss read at step 4 is still finite (it was computed before the update):
+    the step-4 checkpoint is refused, the step-2 one survives untouched."""
+    real = mod.train_step
+
+    def train_step(model, ema, opt, x, y, step, args, *rest):
+        out = real(model, ema, opt, x, y, step, args, *rest)
+        if step == 4:
+            with torch.no_grad():
+                next(mod.unwrap(model).parameters()).fill_(float("nan"))
+        return out
+    monkeypatch.setattr(mod, "train_step", train_step)
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit, match=f"not finite at step 4: not saved. {run}/ckpt.pt holds the last good"):
+        mod.main(RUN6[:-1] + ["2", "--steps", "6", "--out", str(run)])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@by_script
+def test_every_script_resume_drops_what_a_killed_run_logged_after_its_checkpoint(mod, tmp_path, monkeypatch):
+    real = mod.save_checkpoint
+
+    def save_checkpoint(path, args, raw, ema, opt, step, *rest):
+        if step == 6:
+            raise RuntimeError("killed")                     # dies after logging step 6, before saving it
+        return real(path, args, raw, ema, opt, step, *rest)
+    monkeypatch.setattr(mod, "save_checkpoint", save_checkpoint)
+    run = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="killed"):
+        mod.main(RUN6 + ["--steps", "6", "--out", str(run)])
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(mod, "save_checkpoint", real)
+    mod.main(RUN6 + ["--steps", "6", "--out", str(run), "--resume"])
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]    # 5 and 6 once, from the resumed run
+
+
+@by_script
+def test_every_script_refuses_a_second_run_in_the_same_folder(mod, tmp_path):
+    """RUN/lock names the host and process using the folder; a live one refuses the run, a dead one is taken over."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "lock").write_text(f"{socket.gethostname()}:1")         # PID 1 is always alive
+    with pytest.raises(SystemExit, match=f"{run} is in use by process 1 on "):
+        mod.main(RUN6 + ["--steps", "1", "--out", str(run)])
+    assert not (run / "ckpt.pt").exists() and (run / "lock").read_text().endswith(":1")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                                    # a PID that no longer runs: a stale lock
+    (run / "lock").write_text(f"{socket.gethostname()}:{gone.pid}")
+    mod.main(RUN6 + ["--steps", "1", "--out", str(run)])
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+BAD_FLAGS = [  # (flags, the start of the one line that must say what is wrong)
+    (["--img-size", "0"], "--img-size 0: must be a positive whole number"),
+    (["--batch-size", "-4"], "--batch-size -4: must be a positive whole number"),
+    (["--steps", "0"], "--steps 0: must be a positive whole number"),
+    (["--ckpt-every", "0"], "--ckpt-every 0: must be"), (["--log-every", "0"], "--log-every 0: must be"),
+    (["--sample-every", "0"], "--sample-every 0: must be"),
+    (["--lr=-1e-4"], "--lr -0.0001: the learning rate must be a positive number"),
+    (["--lr", "nan"], "--lr nan: the learning rate must be"),
+    (["--ema", "1.5"], r"--ema 1.5: the EMA decay must be in \[0, 1\)"),
+    (["--num-workers=-1"], "--num-workers -1: must be 0"), (["--device", "tpu"], "--device tpu: not available here"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu:x"], "--device .*: not available"),
+]
+
+
+@by_script
+def test_every_script_refuses_bad_numbers_devices_and_checkpoints_in_one_line(mod, tmp_path):
+    for flags, message in BAD_FLAGS:
+        with pytest.raises(SystemExit, match=message):
+            mod.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r")] + flags)
+    assert not (tmp_path / "r").exists()                                 # nothing written by a failed start
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--out .*file: that is a file; give a folder"):
+        mod.main(TINY + ["--out", str(tmp_path / "file")])
+    run = mod.main(RUN6 + ["--steps", "2", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=f"--steps 1: {run}/ckpt.pt is already at step 2; pass a larger --steps"):
+        mod.main(["--resume", str(run), "--steps", "1", "--device", "cpu"])
+    good = (run / "ckpt.pt").read_bytes()
+    for bad in (b"", good[: len(good) // 2], os.urandom(4096)):         # empty, truncated, random bytes
+        (run / "ckpt.pt").write_bytes(bad)
+        with pytest.raises(SystemExit, match=f"{run}/ckpt.pt is not a readable checkpoint \\(truncated or corrupt"):
+            mod.main(["--resume", str(run), "--device", "cpu"])
+
+
+@by_script
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_every_script_stops_in_one_line_on_unreadable_data_and_a_full_disk(mod, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(8):
+        (bad / f"{i}.png").write_bytes(os.urandom(64))             # no readable image at all
+    for workers in ("0", "1") if mod is jit else ("0",):          # here, and in a worker (the same code in all)
+        with pytest.raises(SystemExit, match="data loading failed: .*100 unreadable images in a row under .*bad"):
+            mod.main(TINY + ["--data", str(bad), "--batch-size", "4", "--out", str(tmp_path / f"r{workers}"),
+                             "--num-workers", workers])
+    run = mod.main(RUN6 + ["--steps", "2", "--out", str(tmp_path / "full")])
+    before = (run / "ckpt.pt").read_bytes()
+    real = torch.save
+
+    def disk_full(obj, f, *a, **k):                                 # half a file, then torch's own write error
+        Path(f).write_bytes(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=f"could not write {run}/ckpt.pt .*is the disk full\\? .*the previous "
+                                         "checkpoint is intact"):
+        mod.main(["--resume", str(run), "--steps", "3", "--device", "cpu"])
+    monkeypatch.setattr(torch, "save", real)
+    assert (run / "ckpt.pt").read_bytes() == before and not (run / "ckpt.pt.tmp").exists()
+
+
+@by_script
+def test_every_script_reads_16_bit_and_other_odd_image_modes_right(mod, tmp_path):
+    """A mid-grey 16-bit PNG is mid-grey (PIL's own conversion would clip it to white); palette, RGBA, LA, 1-bit
+    and CMYK images give their RGB colours."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40), 32896, np.uint16)).save(folder / "a16.png")          # 32896 / 257 = 128
+    Image.new("RGB", (40, 40), (10, 200, 30)).convert("P").save(folder / "b_palette.png")
+    Image.new("RGBA", (40, 40), (10, 200, 30, 255)).save(folder / "c_rgba.png")
+    Image.new("LA", (40, 40), (77, 255)).save(folder / "d_la.png")
+    Image.new("1", (40, 40), 1).save(folder / "e_1bit.png")
+    Image.new("CMYK", (40, 40), (0, 0, 0, 0)).save(folder / "f_cmyk.jpg")
+    ds = mod.ImageFolder(folder, 32, class_cond=False)
+    want = [(128, 128, 128), (10, 200, 30), (10, 200, 30), (77, 77, 77), (255, 255, 255), (255, 255, 255)]
+    for i, rgb in enumerate(want):
+        x, _ = ds[i]
+        assert x.shape == (3, 32, 32) and (x.float().mean((1, 2)) - torch.tensor(rgb)).abs().max() <= 1, ds.files[i]
 
 
 @pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
@@ -464,9 +631,10 @@ def test_jit_image_folder_classes_flat_and_corrupt(tmp_path):
     (tmp_path / "flat" / "1.png").write_bytes(b"not a png")        # corrupt file in the middle
     flat = jit.ImageFolder(tmp_path / "flat", 32)
     assert flat.classes == ["all"]
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
-        items = [flat[i] for i in range(3)]
-    assert flat.bad == 1 and torch.equal(items[1][0], items[2][0])  # replaced by the next readable image
+    with pytest.warns(UserWarning, match="skipping unreadable image") as seen:
+        items = [flat[i] for i in range(3)] + [flat[i] for i in range(3)]     # two epochs
+    assert len(seen) == 1 and len(flat.bad) == 1                   # one warning per bad file, not per epoch
+    assert torch.equal(items[1][0], items[2][0])                    # replaced by the next readable image
 
 
 PAIRS = [(p, l) for p in ("x", "eps", "v") for l in ("x", "eps", "v")]
