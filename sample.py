@@ -83,7 +83,10 @@ def load_model(path, weights="ema", device="cpu"):
     The checkpoint holds the PLAIN module's state dicts (contract): `ema` (default) or `model` (--weights raw)."""
     path = find_checkpoint(path)
     # weights_only=False: our checkpoints hold numpy RNG states and the args dict. Only load files you trust.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:                            # empty, truncated, random bytes: the zip reader or unpickler
+        raise SystemExit(f"{path} is not a readable checkpoint (truncated or corrupt? {type(err).__name__}).") from None
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise SystemExit(f"{path} is not a checkpoint of our scripts (no 'script' field).")
     mod = import_script(ckpt["script"], str(path))
@@ -147,6 +150,17 @@ def generate(mod, model, indices, labels, settings, seed, batch_size, bar=None):
 
 def png_path(outdir, i):
     return Path(outdir) / f"{i:06d}.png"                 # index-named: 000000.png is sample 0
+
+
+def png_ok(path):
+    """Whether an earlier run wrote this sample completely. A crash or a full disk can leave an empty or truncated
+    PNG; such a one is drawn again (each sample is a pure function of its index, so it comes out the same)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def save_png(img, path):
@@ -633,7 +647,7 @@ def main(argv=None):
                 dist.barrier()                                 # rank 0 checked the folder before anyone writes
         # This GPU's share: every world-th index; with --outdir, minus the samples already written (resume).
         mine = range(rank, args.n, world)
-        todo = [i for i in mine if not (args.outdir and png_path(args.outdir, i).is_file())]
+        todo = [i for i in mine if not (args.outdir and png_ok(png_path(args.outdir, i)))]
         if rank == 0:
             s = settings
             print(f"{ckpt['script']}.py {ckpt['config']} {model.img_size}px, step {ckpt.get('step')}, "
@@ -664,9 +678,11 @@ def main(argv=None):
             # The script's own grid writer (the layout of its training grids) takes [-1, 1]; u / 127.5 - 1 maps
             # back to exactly u there, so the grid holds the very pixels of the PNGs and the .npz.
             nrow = args.nrow or math.ceil(math.sqrt(k))
+            Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
             mod.save_grid(grid.permute(0, 3, 1, 2).float() / 127.5 - 1, args.grid, nrow)    # (k, 3, H, W)
             print(f"grid of {k} samples -> {args.grid}")
         if rank == 0 and args.npz:
+            Path(args.npz).parent.mkdir(parents=True, exist_ok=True)
             save_npz(samples, args.npz)
             print(f"{args.n} samples -> {args.npz} (arr_0, uint8 NHWC)")
 

@@ -185,8 +185,9 @@ RUN6 = TINY + ["--batch-size", "4", "--log-every", "1", "--sample-every", "100",
 
 @by_script
 def test_every_script_saves_on_ctrl_c_at_the_current_step_and_resumes_exactly(mod, tmp_path, monkeypatch):
-    """SIGINT during step 3 (checkpoints every 4): the step finishes, ckpt.pt is written AT step 3, one line says how
-    to continue, and the resumed run ends bit-identical to a run that was never interrupted."""
+    """SIGINT during step 3 (checkpoints every 4): the step finishes, ckpt.pt is written AT step 3 (a SIGTERM during
+    that save does not interrupt it), one line says how to continue, and the resumed run ends bit-identical to a
+    run that was never interrupted."""
     straight = mod.main(RUN6 + ["--steps", "6", "--out", str(tmp_path / "a")])
     real = mod.train_step
 
@@ -194,11 +195,18 @@ def test_every_script_saves_on_ctrl_c_at_the_current_step_and_resumes_exactly(mo
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)             # Ctrl-C while the step runs
         return real(model, ema, opt, x, y, step, args, *rest)
+    real_save = mod.save_checkpoint
+
+    def save_checkpoint(*a):
+        os.kill(os.getpid(), signal.SIGTERM)                # a second signal (a scheduler's) during the save
+        return real_save(*a)
     monkeypatch.setattr(mod, "train_step", train_step)
+    monkeypatch.setattr(mod, "save_checkpoint", save_checkpoint)
     run = tmp_path / "b"
     with pytest.raises(SystemExit, match=f"stopped at step 3, saved {run}/ckpt.pt; continue with --resume {run}"):
         mod.main(RUN6 + ["--steps", "6", "--out", str(run)])
-    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 3
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 3 and not (run / "ckpt.pt.tmp").exists()
+    monkeypatch.setattr(mod, "save_checkpoint", real_save)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the caller's handler is back
     monkeypatch.setattr(mod, "train_step", real)
     mod.main(RUN6 + ["--steps", "6", "--out", str(run), "--resume"])
@@ -319,6 +327,27 @@ def test_every_script_stops_in_one_line_on_unreadable_data_and_a_full_disk(mod, 
         mod.main(["--resume", str(run), "--steps", "3", "--device", "cpu"])
     monkeypatch.setattr(torch, "save", real)
     assert (run / "ckpt.pt").read_bytes() == before and not (run / "ckpt.pt.tmp").exists()
+
+
+class DiesInAWorker(torch.utils.data.Dataset):
+    """Eight images; a loader worker that reads one is killed, as the kernel's out-of-memory killer would."""
+    classes = ["all"]
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(3, 32, 32, dtype=torch.uint8), 0
+
+
+def test_a_killed_loader_worker_ends_in_one_line_naming_the_likely_cause(tmp_path, monkeypatch):
+    monkeypatch.setattr(jit, "make_dataset", lambda args: DiesInAWorker())    # the same make_batches in all four
+    with pytest.raises(SystemExit, match=r"data loading failed: DataLoader worker .* exited unexpectedly.*out of "
+                                         r"host memory\? try a lower --num-workers\)\. Once fixed, continue with"):
+        jit.main(TINY[:4] + ["--batch-size", "4", "--steps", "2", "--num-workers", "1", "--device", "cpu",
+                             "--out", str(tmp_path / "r")])
 
 
 @by_script
@@ -1839,6 +1868,13 @@ def test_sample_resume_skips_existing(runs, tmp_path):
     assert np.array_equal(read_png(sample.png_path(out, 2)), original[2])              # redone identically
     assert np.array_equal(read_png(sample.png_path(out, 0)), original[0])
     assert sample.png_path(out, 4).is_file() and not list(out.glob("*.tmp"))
+    full = sample.png_path(out, 3).read_bytes()
+    sample.png_path(out, 3).write_bytes(full[: len(full) // 2])                        # left truncated by a crash
+    sample.png_path(out, 0).write_bytes(b"")                                            # and an empty one
+    sample.main([ckpt, "--n", "5", "--outdir", str(out), "--grid", str(tmp_path / "new" / "dir" / "g.png")] + FAST)
+    assert np.array_equal(read_png(sample.png_path(out, 3)), original[3])              # both drawn again
+    assert np.array_equal(read_png(sample.png_path(out, 0)), original[0])
+    assert (tmp_path / "new" / "dir" / "g.png").is_file()                               # --grid made its folder
     with pytest.raises(SystemExit, match="cfg"):
         sample.main([ckpt, "--n", "5", "--outdir", str(out), "--cfg", "1.5"] + FAST)
 
@@ -1862,6 +1898,10 @@ def test_sample_clear_errors(runs, tmp_path, monkeypatch):
         sample.main([ckpt])
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main([str(tmp_path / "missing"), "--grid", "g.png"])
+    whole = Path(ckpt) / "ckpt.pt" if Path(ckpt).is_dir() else Path(ckpt)
+    (tmp_path / "broken.pt").write_bytes(whole.read_bytes()[:999])
+    with pytest.raises(SystemExit, match="broken.pt is not a readable checkpoint \\(truncated or corrupt"):
+        sample.main([str(tmp_path / "broken.pt"), "--grid", "g.png"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="without ckpt.pt"):
         sample.main([str(tmp_path / "empty"), "--grid", "g.png"])
