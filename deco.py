@@ -27,7 +27,6 @@ Where the paper and the official code disagree we follow the code and say so (ti
 tables, decoder normalisation, label dropout of the XL configs). Differences from the official code: grep "DIFF:".
 """
 import argparse
-import atexit
 import copy
 import functools
 import json
@@ -1014,7 +1013,7 @@ def repa_encoder(args, device, world):
 def lock_run(run):
     """One training process per run folder: RUN/lock holds the host and PID of the run using it; a second run into
     the folder (a fresh start, or a --resume while it trains) stops with a message. A lock whose process is gone
-    (killed on this host) is taken over; the lock goes when the process exits."""
+    (killed on this host) is taken over; main() removes it when the run ends."""
     lock = run / "lock"
     while True:
         try:
@@ -1029,7 +1028,6 @@ def lock_run(run):
                              f"use another --out (if that run is gone, delete {lock}).")
     os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
     os.close(fd)
-    atexit.register(lock.unlink, missing_ok=True)
 
 
 def alive(pid):
@@ -1169,6 +1167,21 @@ def resolve_args(p, argv):
     return args
 
 
+class StopSignals:
+    """Inside `with`: Ctrl-C (SIGINT) and SIGTERM (as schedulers send) are recorded in .seen instead of ending the
+    process mid-step; main() then saves and stops. The caller's handlers come back at the end."""
+
+    def __enter__(self):
+        self.seen = []
+        self.before = {s: signal.signal(s, lambda signum, frame: self.seen.append(signum))
+                       for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+
 def stop_requested(stop, step, args, world, device):
     """Whether to stop after this step: a signal was seen (one process), or seen by any rank at a log step, when
     all ranks agree through one all_reduce, so that they stop at the same step (torchrun)."""
@@ -1245,29 +1258,26 @@ def main(argv=None, encoder=None):
     grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
 
     # Training loop.
-    log = LossLog(run / "log.jsonl", args, world, rank)
-    stop, stopping = [], False                          # Ctrl-C or SIGTERM: finish the step, save, exit
-    before = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    log, stopping = LossLog(run / "log.jsonl", args, world, rank), False
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
-    while step < args.steps:
-        x, y = next(batches)                            # (B/world, 3, H, W) uint8, (B/world,) long, on the device
-        step += 1
-        log.add(train_step(model, ema, opt, x, y, step, args, encoder))
-        bar.update(1)
-        stopping = stop_requested(stop, step, args, world, device)
-        save = step % args.ckpt_every == 0 or step == args.steps or stopping
-        if step % args.log_every == 0 or save:
-            log.write(step, bar)                        # before any save: a NaN run stops, never checkpointed
-        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
-            images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
-            save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
-        if save:
-            save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
-        if stopping:
-            break
+    with StopSignals() as stop:                         # Ctrl-C, SIGTERM: the step finishes, the run saves, stops
+        while step < args.steps and not stopping:
+            x, y = next(batches)                        # (B/world, 3, H, W) uint8, (B/world,) long, on the device
+            step += 1
+            log.add(train_step(model, ema, opt, x, y, step, args, encoder))
+            bar.update(1)
+            stopping = stop_requested(stop.seen, step, args, world, device)
+            save = step % args.ckpt_every == 0 or step == args.steps or stopping
+            if step % args.log_every == 0 or save:
+                log.write(step, bar)                    # before any save: a NaN run stops, never checkpointed
+            if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
+                images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
+                save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+            if save:
+                save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
     bar.close()
-    for sig, handler in before.items():                 # the caller's Ctrl-C again
-        signal.signal(sig, handler)
+    if rank == 0:
+        (run / "lock").unlink(missing_ok=True)          # the run folder is free again
     if stopping:
         raise SystemExit(f"stopped at step {step}, saved {run}/ckpt.pt; continue with --resume {run}")
     if world > 1:

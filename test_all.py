@@ -76,7 +76,7 @@ SHARED = {
                           "compile_and_wrap", "LossLog", "save_grid", "rng_state", "set_rng_state", "save_checkpoint",
                           "find_checkpoint", "load_checkpoint", "restore", "setup_distributed", "Help",
                           "resolve_args", "Shapes", "open_rgb", "ignore_sigint", "lock_run", "alive",
-                          "stop_requested"]),
+                          "stop_requested", "StopSignals", "check_numbers"]),
     "the v-predicting three": ([pixeldit, pixnerd, deco], ["rope_2d", "apply_rope", "Attention", "SwiGLU.__init__",
                                                            "SwiGLU.forward", "x_to_v", "v_to_x", "velocity",
                                                            "repa_loss", "repa_encoder", "load_dinov2"]),
@@ -362,11 +362,19 @@ def test_every_script_reads_16_bit_and_other_odd_image_modes_right(mod, tmp_path
     Image.new("LA", (40, 40), (77, 255)).save(folder / "d_la.png")
     Image.new("1", (40, 40), 1).save(folder / "e_1bit.png")
     Image.new("CMYK", (40, 40), (0, 0, 0, 0)).save(folder / "f_cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                               # orientation tag: "rotate 90 to display"
+    half = np.zeros((32, 64, 3), np.uint8)
+    half[:, 32:] = 255                                             # left half black, right half white, as stored
+    Image.fromarray(half).save(folder / "g_exif.jpg", exif=exif, quality=95)
     ds = mod.ImageFolder(folder, 32, class_cond=False)
     want = [(128, 128, 128), (10, 200, 30), (10, 200, 30), (77, 77, 77), (255, 255, 255), (255, 255, 255)]
     for i, rgb in enumerate(want):
         x, _ = ds[i]
         assert x.shape == (3, 32, 32) and (x.float().mean((1, 2)) - torch.tensor(rgb)).abs().max() <= 1, ds.files[i]
+    # EXIF orientation is not applied, as in the official loaders (PIL open + convert): the stored pixels, cropped
+    x = ds[6][0].float().mean(0)                                   # (32, 32): the center 32 columns of 64
+    assert x[:, :8].mean() < 20 and x[:, -8:].mean() > 235
 
 
 @pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
