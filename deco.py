@@ -393,7 +393,10 @@ def flow_loss(model, x, y, num_classes, label_drop=0.1, freq_weight=FREQ_WEIGHT,
     return loss, dict(mse=l_mse.detach(), freq=l_freq.detach(), repa=l_repa.detach())
 
 
-deco_loss = flow_loss   # the name this loss had before; kept so old notebooks and scripts still run
+def deco_loss(model, x, y, num_classes, label_drop=0.1, freq_weight=FREQ_WEIGHT, quality=JPEG_QUALITY,
+              repa_weight=REPA_WEIGHT, encoder=None):
+    """flow_loss under its earlier name and argument order (repa_weight before encoder), for earlier callers."""
+    return flow_loss(model, x, y, num_classes, label_drop, freq_weight, quality, encoder, repa_weight)
 
 
 def repa_loss(h, target):
@@ -938,7 +941,8 @@ def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, wo
 
 
 def find_checkpoint(path):
-    """--resume takes a run folder (its ckpt.pt) or a checkpoint file."""
+    """--resume takes a run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently ignored
+    there and training restarted from scratch)."""
     path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
@@ -976,7 +980,8 @@ def restore(args, raw, ema, opt, num_classes, rank):
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     log = Path(args.out) / "log.jsonl"
     if rank == 0 and log.exists():                      # what a killed run logged after its last checkpoint
-        rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= ckpt["step"]]
+        rows = [r for r in log.read_text().splitlines()          # (a line cut off by a kill lacks its "}")
+                if r.endswith("}") and json.loads(r)["step"] <= ckpt["step"]]
         log.write_text("".join(r + "\n" for r in rows))
     return ckpt["step"], dict(ckpt["data"])
 
@@ -1013,7 +1018,7 @@ def repa_encoder(args, device, world):
 def lock_run(run):
     """One training process per run folder: RUN/lock holds the host and PID of the run using it; a second run into
     the folder (a fresh start, or a --resume while it trains) stops with a message. A lock whose process is gone
-    (killed on this host) is taken over; main() removes it when the run ends."""
+    (killed, or stopped on an error, on this host) is taken over; main() removes it when the run ends."""
     lock = run / "lock"
     while True:
         try:
@@ -1050,8 +1055,10 @@ def setup_distributed(args):
         device = torch.device(name)
     except RuntimeError:                                # not a device name torch knows
         device = None
-    if device is None or device.type not in have:
-        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}.")
+    if device is None or device.type not in have or device.type == "cuda" and (device.index or 0) >= \
+            torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}"
+                         f"{f' ({torch.cuda.device_count()} GPUs)' if 'cuda' in have else ''}.")
     if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
@@ -1079,7 +1086,8 @@ DATA_PRESETS = {
 }
 FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
                        sample_every=5000, ckpt_every=5000)
-MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
+MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers",   # never taken from a checkpoint
+           "dinov2_path")
 SAME_RUN = ("config", "img_size", "repa")                                     # a resumed run cannot change these
 
 
@@ -1214,7 +1222,8 @@ def check_numbers(args):
 def main(argv=None, encoder=None):
     """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
     args = get_args(argv)
-    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
+    if (Path(args.out) / "ckpt.pt").exists() and Path(args.resume or args.out).resolve() != \
+            (Path(args.out) / "ckpt.pt").resolve():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
     # Setup processes and devices: one process per GPU under torchrun, else one process on --device.

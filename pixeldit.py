@@ -786,7 +786,6 @@ class EMA:
     0.9999 would still be mostly the random init, and the sample grids would show noise.
     warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run)."""
 
-
     def __init__(self, model, decay, warmup=True):
         self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -987,7 +986,8 @@ def restore(args, raw, ema, opt, num_classes, rank):
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     log = Path(args.out) / "log.jsonl"
     if rank == 0 and log.exists():                      # what a killed run logged after its last checkpoint
-        rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= ckpt["step"]]
+        rows = [r for r in log.read_text().splitlines()          # (a line cut off by a kill lacks its "}")
+                if r.endswith("}") and json.loads(r)["step"] <= ckpt["step"]]
         log.write_text("".join(r + "\n" for r in rows))
     return ckpt["step"], dict(ckpt["data"])
 
@@ -995,7 +995,7 @@ def restore(args, raw, ema, opt, num_classes, rank):
 def lock_run(run):
     """One training process per run folder: RUN/lock holds the host and PID of the run using it; a second run into
     the folder (a fresh start, or a --resume while it trains) stops with a message. A lock whose process is gone
-    (killed on this host) is taken over; main() removes it when the run ends."""
+    (killed, or stopped on an error, on this host) is taken over; main() removes it when the run ends."""
     lock = run / "lock"
     while True:
         try:
@@ -1032,8 +1032,10 @@ def setup_distributed(args):
         device = torch.device(name)
     except RuntimeError:                                # not a device name torch knows
         device = None
-    if device is None or device.type not in have:
-        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}.")
+    if device is None or device.type not in have or device.type == "cuda" and (device.index or 0) >= \
+            torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}"
+                         f"{f' ({torch.cuda.device_count()} GPUs)' if 'cuda' in have else ''}.")
     if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
@@ -1119,7 +1121,8 @@ def get_args(argv=None):
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
     args = resolve_args(p, argv)
     args.shift = args.shift or default_shift(args.img_size)          # paper: 1 at 256px, 3 at 512px
-    args.grad_clip = args.grad_clip or (0.5 if args.img_size >= 512 else 1.0)   # official: 1.0, 0.5 at 512px
+    if args.grad_clip is None:                          # official: 1.0, 0.5 at 512px
+        args.grad_clip = 0.5 if args.img_size >= 512 else 1.0
     args.lr_drop_steps = None                           # main() sets it from --lr-drop-epoch and the dataset size
     return args
 
@@ -1217,7 +1220,8 @@ def check_numbers(args):
 def main(argv=None, encoder=None):
     """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
     args = get_args(argv)
-    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
+    if (Path(args.out) / "ckpt.pt").exists() and Path(args.resume or args.out).resolve() != \
+            (Path(args.out) / "ckpt.pt").resolve():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
     # Setup processes and devices: one process per GPU under torchrun, else one process on --device.

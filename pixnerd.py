@@ -911,7 +911,8 @@ def restore(args, raw, ema, opt, num_classes, rank):
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     log = Path(args.out) / "log.jsonl"
     if rank == 0 and log.exists():                      # what a killed run logged after its last checkpoint
-        rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= ckpt["step"]]
+        rows = [r for r in log.read_text().splitlines()          # (a line cut off by a kill lacks its "}")
+                if r.endswith("}") and json.loads(r)["step"] <= ckpt["step"]]
         log.write_text("".join(r + "\n" for r in rows))
     return ckpt["step"], dict(ckpt["data"])
 
@@ -919,7 +920,7 @@ def restore(args, raw, ema, opt, num_classes, rank):
 def lock_run(run):
     """One training process per run folder: RUN/lock holds the host and PID of the run using it; a second run into
     the folder (a fresh start, or a --resume while it trains) stops with a message. A lock whose process is gone
-    (killed on this host) is taken over; main() removes it when the run ends."""
+    (killed, or stopped on an error, on this host) is taken over; main() removes it when the run ends."""
     lock = run / "lock"
     while True:
         try:
@@ -956,8 +957,10 @@ def setup_distributed(args):
         device = torch.device(name)
     except RuntimeError:                                # not a device name torch knows
         device = None
-    if device is None or device.type not in have:
-        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}.")
+    if device is None or device.type not in have or device.type == "cuda" and (device.index or 0) >= \
+            torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}"
+                         f"{f' ({torch.cuda.device_count()} GPUs)' if 'cuda' in have else ''}.")
     if device.type == "cuda":   # torchrun: this process's GPU; "cuda" -> "cuda:0" (set_device needs an index)
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
@@ -986,7 +989,8 @@ DATA_PRESETS = {
 }
 FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
                        sample_every=5000, ckpt_every=5000)
-MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
+MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers",   # never taken from a checkpoint
+           "dinov2_path")
 SAME_RUN = ("config", "img_size", "repa")  # a resumed run cannot change these
 
 
@@ -1129,7 +1133,8 @@ def check_numbers(args):
 def main(argv=None, encoder=None):
     """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
     args = get_args(argv)
-    if args.resume is None and (Path(args.out) / "ckpt.pt").exists():
+    if (Path(args.out) / "ckpt.pt").exists() and Path(args.resume or args.out).resolve() != \
+            (Path(args.out) / "ckpt.pt").resolve():
         raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
     # Setup processes and devices: one process per GPU under torchrun, else one process on --device.

@@ -39,8 +39,8 @@ from PIL import Image
 from tqdm import tqdm
 
 # No paper script is imported here: load_model imports only the one a checkpoint names, so sample.py runs next to
-# any subset of jit.py, pixeldit.py, pixnerd.py, deco.py. The two helpers it shares with them (the ADM center crop
-# and the torchrun setup) are copies below that read the same as the scripts' own.
+# any subset of jit.py, pixeldit.py, pixnerd.py, deco.py. It has its own ADM center crop (the scripts' code: a test
+# compares the pixels) and its own torchrun setup.
 
 SCRIPTS = ("jit", "pixeldit", "pixnerd", "deco")  # the `script` values a checkpoint may carry
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -581,9 +581,17 @@ def sampler_settings(mod, model, args):
 
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP). Plain `python sample.py`: one
-    process on --device. Returns (rank, world_size, device). A copy of the scripts' setup_distributed."""
+    process on --device. Returns (rank, world_size, device)."""
     if "RANK" not in os.environ:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        have = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+        try:
+            device = torch.device(name)
+        except RuntimeError:                            # not a device name torch knows
+            device = None
+        if device is None or device.type not in have or device.type == "cuda" and (device.index or 0) >= \
+                torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: not available here; this machine has {', '.join(have)}.")
         if device.type == "cuda":
             device = torch.device("cuda", device.index or 0)   # "cuda" -> "cuda:0": set_device needs an index
             torch.cuda.set_device(device)

@@ -249,6 +249,8 @@ def test_every_script_resume_drops_what_a_killed_run_logged_after_its_checkpoint
     with pytest.raises(RuntimeError, match="killed"):
         mod.main(RUN6 + ["--steps", "6", "--out", str(run)])
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')                                       # a line the kill cut off
     monkeypatch.setattr(mod, "save_checkpoint", real)
     mod.main(RUN6 + ["--steps", "6", "--out", str(run), "--resume"])
     assert [r["step"] for r in read_log(run)] == [1, 2, 3, 4, 5, 6]    # 5 and 6 once, from the resumed run
@@ -415,6 +417,10 @@ def test_every_script_refuses_a_wrong_resume_and_never_overwrites_a_run(mod, tmp
         mod.main(TINY + ["--steps", "2", "--batch-size", "4", "--out", str(run)])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         mod.main(TINY + ["--resume", str(tmp_path / "nothing")])
+    other = tmp_path / "other_run"                                       # --resume A --out B, B a run of its own
+    mod.main(TINY + ["--steps", "1", "--batch-size", "4", "--sample-every", "100", "--out", str(other)])
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        mod.main(TINY + ["--steps", "2", "--resume", str(run), "--out", str(other)])
     assert (run / "ckpt.pt").read_bytes() == before                     # the run is untouched
 
 
@@ -1633,8 +1639,10 @@ def test_deco_loss_terms_and_label_dropout():
     seen = []
     m.register_forward_pre_hook(lambda mod, args: seen.append(args[2].clone()))
     deco.flow_loss(m, x, y, 10, label_drop=1.0)        # every label -> the null class
-    assert deco.deco_loss is deco.flow_loss            # the old name still works
     assert torch.equal(seen[-1], torch.full((4,), 10))
+    torch.manual_seed(2)                               # the old name and argument order (repa_weight, encoder)
+    old_loss, old_terms = deco.deco_loss(m, x, y, 10, 0.0, 0.7, 85, 0.5, None)
+    assert torch.equal(old_loss, loss) and torch.equal(old_terms["freq"], terms["freq"])
 
 
 def stand_in_encoder(patch, dim=deco.REPA_DIM):
