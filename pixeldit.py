@@ -1295,9 +1295,10 @@ def main(argv=None, encoder=None):
 # ---- Appendix. Built-in data: `--data shapes` ----
 # ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
-    """Built-in labelled data, so `python pixeldit.py` runs with no download: one coloured shape (the class) on a
-    two-colour gradient background, random size, position, rotation and colours. Image i is a pure function of i
-    (its own seeded RNG), so every epoch, worker and GPU sees the same images. Drawn at 4x and downsampled."""
+    """Built-in labelled data, so `python pixeldit.py` runs with no download: one bright shape (the class) of random
+    colour, size and position on a dark background of random colour; upright, so that the class alone decides the
+    outline. Image i is a pure function of i (its own seeded RNG), so every epoch, worker and GPU sees the same
+    images. Drawn at 4x and downsampled."""
     classes = ["circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon"]
 
     def __init__(self, size, n=20_000):
@@ -1310,43 +1311,36 @@ class Shapes(torch.utils.data.Dataset):
         rng = np.random.default_rng(i)
         label = int(rng.integers(len(self.classes)))
         S = 4 * self.size
-        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)             # background gradient colours
-        gy, gx = np.mgrid[0:S, 0:S] / S - 0.5                                   # (S, S) coordinates
-        a = rng.uniform(0, 2 * np.pi)                                           # gradient direction
-        ramp = np.clip(gx * np.cos(a) + gy * np.sin(a) + 0.5, 0, 1)[..., None]  # (S, S, 1) in [0, 1]
-        img = Image.fromarray((c0 * (1 - ramp) + c1 * ramp).astype(np.uint8))   # (S, S, 3)
+        img = Image.new("RGB", (S, S), tuple(int(c) for c in rng.integers(0, 110, 3)))   # (S, S, 3) dark background
         draw = ImageDraw.Draw(img)
-        r = rng.uniform(0.18, 0.35) * S                                         # shape radius
-        cx, cy = rng.uniform(r, S - r, 2)
-        a0 = rng.uniform(0, 2 * np.pi)                                          # rotation
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        r = rng.uniform(0.22, 0.36) * S                                         # shape radius
+        cx, cy = rng.uniform(r, S - r, 2)                                       # centre, the shape inside the image
+        color = tuple(int(c) for c in rng.integers(140, 256, 3))                # bright fill
 
-        def polygon(k, radius=r, phase=0.0):                                    # regular k-gon vertices
-            return [(cx + radius * np.cos(a0 + phase + 2 * np.pi * j / k),
-                     cy + radius * np.sin(a0 + phase + 2 * np.pi * j / k)) for j in range(k)]
+        def polygon(k, radius=r, phase=-np.pi / 2, squash=1.0):                # regular k-gon, a vertex at the top
+            return [(cx + squash * radius * np.cos(phase + 2 * np.pi * j / k),
+                     cy + radius * np.sin(phase + 2 * np.pi * j / k)) for j in range(k)]
 
         name = self.classes[label]
         if name == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
         elif name == "ring":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=int(r * 0.35))
-        elif name == "square":
-            draw.polygon(polygon(4), fill=color)
-        elif name == "diamond":                                                 # a rhombus: squashed square
-            pts = polygon(4)
-            draw.polygon([(cx + 0.55 * (px - cx), py) if j % 2 else (px, py) for j, (px, py) in enumerate(pts)],
-                         fill=color)
+        elif name == "square":                                                  # axis-aligned
+            draw.polygon(polygon(4, r * 1.15, np.pi / 4), fill=color)
+        elif name == "diamond":                                                 # a rhombus on its tip
+            draw.polygon(polygon(4, squash=0.6), fill=color)
         elif name == "triangle":
             draw.polygon(polygon(3), fill=color)
-        elif name == "hexagon":
-            draw.polygon(polygon(6), fill=color)
+        elif name == "hexagon":                                                 # flat top and bottom
+            draw.polygon(polygon(6, phase=0.0), fill=color)
         elif name == "star":
-            outer, inner = polygon(5), polygon(5, 0.42 * r, np.pi / 5)
+            outer, inner = polygon(5), polygon(5, 0.42 * r, -np.pi / 2 + np.pi / 5)
             draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
-        else:                                                                   # cross: two thick bars
-            for phase in (0.0, np.pi / 2):
-                dx, dy = np.cos(a0 + phase), np.sin(a0 + phase)
-                draw.line([(cx - r * dx, cy - r * dy), (cx + r * dx, cy + r * dy)], fill=color, width=int(r * 0.5))
+        else:                                                                   # cross: an upright plus sign
+            w = 0.22 * r
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
         img = img.resize((self.size, self.size), resample=Image.LANCZOS)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), label   # (3, H, W) uint8
 
