@@ -1290,6 +1290,71 @@ def toy_experiment(dims=(2, 8, 16, 512), preds=("x", "eps", "v"), steps=1000, ou
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix D. The authors' weights: from_official (LTH14/JiT, commit cbc743a) ----
+# ---------------------------------------------------------------------------------------------------------------
+# Follows LTH14/JiT at commit cbc743a2ada5e9762697da2c83f8c4f8379e8c17 ("include pretrained ckpts"; read in the
+# fork zlong928/JiT, whose one later commit, by another author, changes no key). The network is model_jit.py's
+# `JiT`; denoiser.py's `Denoiser` holds it as `self.net` and registers nothing else, so its state_dict is the
+# net's under "net.". The RoPE tables (VisionRotaryEmbeddingFast) are plain attributes: not in any state_dict.
+# util/misc.py save_model writes checkpoint-{epoch|last}.pth = {"model", "optimizer", "epoch", "args",
+# "model_ema1", "model_ema2"}: each model* is a full Denoiser state_dict ("net." keys); "args" is main_jit.py's
+# argparse.Namespace (model, img_size, class_num, noise_scale), so torch.load needs weights_only=False. The README's
+# released models are read the same way (main_jit.py --resume DIR loads DIR/checkpoint-last.pth).
+OFFICIAL_EMAS = {True: "model_ema1", "ema1": "model_ema1", "ema2": "model_ema2", False: "model"}
+
+
+def from_official(obj, ema=True):
+    """An official JiT checkpoint (what torch.load returns) -> a state dict for create_model(config, img_size,
+    num_classes) with strict=True. Accepts a checkpoint-*.pth of main_jit.py, one of its model / model_ema1 /
+    model_ema2 dicts (a Denoiser state_dict, "net." keys), or a JiT state_dict. In a checkpoint, ema picks the
+    weights: True or "ema1" -> model_ema1 (decay 0.9999, main_jit.py --ema_decay1; what engine_jit.py evaluate()
+    samples with, "hard-coded to be the first one"), "ema2" -> model_ema2 (decay 0.9996), False -> model (raw)."""
+    if not isinstance(obj, dict):
+        raise SystemExit(f"not an official JiT checkpoint (a {type(obj).__name__}, not a dict): pass a "
+                         "checkpoint-*.pth of LTH14/JiT main_jit.py or a JiT state_dict")
+    if "script" in obj:                                       # our own layout (save_checkpoint)
+        raise SystemExit(f"this is a checkpoint of our {obj['script']}.py, not an official LTH14/JiT one: load it "
+                         "as our checkpoint (sample.py RUN, --init-from / --resume)")
+    if "state_dict" in obj:                                   # PyTorch Lightning: PixelDiT, PixNerd, DeCo
+        raise SystemExit("a Lightning checkpoint ('state_dict'), not an official JiT one (LTH14/JiT saves 'model', "
+                         "'model_ema1', 'model_ema2'): load it with its own paper's script")
+    if ema not in OFFICIAL_EMAS:
+        raise SystemExit(f"ema={ema!r}: choose True/'ema1' (model_ema1), 'ema2' (model_ema2) or False (model)")
+    if "model" in obj or "model_ema1" in obj:                 # official util/misc.py save_model
+        if OFFICIAL_EMAS[ema] not in obj:
+            raise SystemExit(f"this official JiT checkpoint has no {OFFICIAL_EMAS[ema]!r} (it has: "
+                             f"{', '.join(map(str, obj))}): pass another ema=")
+        obj = obj[OFFICIAL_EMAS[ema]]                         # "optimizer", "epoch", "args" are dropped here
+    sd = {k.removeprefix("net."): v for k, v in obj.items()}  # official denoiser.py: self.net = JiT(...)
+    if not {"x_embedder.proj1.weight", "y_embedder.embedding_table.weight", "blocks.0.mlp.w12.weight"} <= set(sd):
+        first = next(iter(sd), "nothing")
+        raise SystemExit(f"not an official JiT checkpoint (first key {first!r}; no net.x_embedder.proj1 / "
+                         "y_embedder.embedding_table): pass a checkpoint-*.pth of LTH14/JiT main_jit.py")
+    out = {}
+    for k, v in sd.items():
+        if k == "y_embedder.embedding_table.weight":          # official LabelEmbedder.embedding_table: our
+            out["y_embedder.weight"] = v                      # y_embedder is the nn.Embedding itself, (K + 1, D)
+        elif k == "pos_embed":                                # official: a frozen nn.Parameter (1, N, D); ours is
+            check_sincos(v)                                   # a buffer rebuilt from the config: check, drop
+        else:                                                 # every other key and shape is the same as ours
+            out[k] = v
+    return out
+
+
+def check_sincos(pos_embed):
+    """The official frozen pos_embed must be the sin-cos table we rebuild (sincos_pos_embed), up to the rounding an
+    EMA leaves: the official EMA also averages this frozen parameter (denoiser.py update_ema over parameters()),
+    which moves it by at most ulp/2 / (1 - decay) = 3e-4 at |x| <= 1 with decay 0.9999 (1.6e-4 measured on a CPU)."""
+    h = math.isqrt(pos_embed.shape[1]) if pos_embed.dim() == 3 else 0           # (1, N, D), N = h*h tokens
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or h * h != pos_embed.shape[1]:
+        raise SystemExit(f"official pos_embed has shape {tuple(pos_embed.shape)}, not (1, h*h, D)")
+    err = (pos_embed[0].float() - sincos_pos_embed(pos_embed.shape[2], h)).abs().max().item()
+    if err > 1e-3:
+        raise SystemExit(f"official pos_embed differs from the fixed sin-cos table ({h}x{h}, D={pos_embed.shape[2]}) "
+                         f"by {err:.3g}: not a JiT checkpoint of LTH14/JiT")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ---- Appendix C. Built-in data: `--data shapes` ----
 # ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):

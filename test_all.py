@@ -4,6 +4,7 @@ Every test asserts values that matter (not only shapes). Sections: the behaviour
 (parametrized over them), then jit, pixeldit, pixnerd, deco (the README's order), sample.py, bench.py.
 """
 
+import argparse
 import ast
 import importlib
 import inspect
@@ -757,6 +758,91 @@ def test_toy_x_beats_v_at_D64(tmp_path):
             blue = int((rgb == (30, 90, 200)).all(axis=-1).sum())
             assert blue > 500, f"{path.name}: only {blue} point pixels drawn"
 
+
+# ---- jit: the authors' weights ----
+def jit_official_net(sd):
+    """Our JiT state dict -> LTH14/JiT's JiT.state_dict() (model_jit.py at cbc743a), from our reading: the label
+    table is LabelEmbedder.embedding_table, pos_embed a frozen nn.Parameter (so saved), every other key the same."""
+    out = {("y_embedder.embedding_table.weight" if k == "y_embedder.weight" else k): v for k, v in sd.items()}
+    out["pos_embed"] = jit.sincos_pos_embed(64, 4)[None]                # tiny at 32px: (1, 16, 64)
+    return out
+
+
+def jit_random_tiny(seed):
+    """The tiny JiT at 32px, 10 classes, every weight random (the zero-init layers too): distinct outputs."""
+    torch.manual_seed(seed)
+    model = jit.create_model("tiny", 32, 10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.dim() == 1 and p.shape[0] <= 64 else 0.0))
+    return model
+
+
+def jit_load_official(obj, **kw):
+    model = jit.create_model("tiny", 32, 10).eval()
+    model.load_state_dict(jit.from_official(obj, **kw), strict=True)
+    return model
+
+
+JIT_Z, JIT_T, JIT_Y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 0.9]), \
+    torch.tensor([4, 10])                                               # 10 = the null class
+
+
+def test_jit_from_official_network_state_dict():
+    """model_jit.py's JiT.state_dict() (no prefix): the label table renamed, pos_embed checked and dropped."""
+    ref = jit_random_tiny(0)
+    sd = jit.from_official(jit_official_net(ref.state_dict()))
+    assert "pos_embed" not in sd and "y_embedder.embedding_table.weight" not in sd
+    model = jit_load_official(jit_official_net(ref.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(JIT_Z, JIT_T, JIT_Y), ref(JIT_Z, JIT_T, JIT_Y), rtol=0, atol=0)
+
+
+def test_jit_from_official_training_checkpoint(tmp_path):
+    """util/misc.py save_model's checkpoint-*.pth (Denoiser keys under "net."): ema=True -> model_ema1 (what
+    engine_jit.py evaluates), "ema2" -> model_ema2, False -> model; the same without the optimizer (a released
+    checkpoint-last.pth may lack it); one Denoiser state_dict alone; after a real torch.save / torch.load."""
+    nets = {"model": jit_random_tiny(1), "model_ema1": jit_random_tiny(2), "model_ema2": jit_random_tiny(3)}
+    ckpt = {"optimizer": {"state": {}, "param_groups": []}, "epoch": 599,
+            "args": argparse.Namespace(model="JiT-B/16", img_size=256, class_num=1000, noise_scale=1.0)}
+    for name, net in nets.items():
+        ckpt[name] = {"net." + k: v for k, v in jit_official_net(net.state_dict()).items()}
+    for name in ("model_ema1", "model_ema2"):                           # the EMA also averages the frozen table
+        ckpt[name]["net.pos_embed"] = ckpt[name]["net.pos_embed"] + 1.6e-4   # (1.6e-4 measured: check_sincos)
+    torch.save(ckpt, tmp_path / "checkpoint-last.pth")
+    loaded = torch.load(tmp_path / "checkpoint-last.pth", map_location="cpu", weights_only=False)
+    released = {k: v for k, v in ckpt.items() if k not in ("optimizer", "epoch")}
+    with torch.no_grad():
+        outs = {name: net(JIT_Z, JIT_T, JIT_Y) for name, net in nets.items()}
+        for obj, ema, name in ((ckpt, True, "model_ema1"), (ckpt, "ema2", "model_ema2"), (ckpt, False, "model"),
+                               (loaded, "ema1", "model_ema1"), (released, True, "model_ema1"),
+                               (released, False, "model"), (ckpt["model_ema2"], True, "model_ema2")):
+            out = jit_load_official(obj, ema=ema)(JIT_Z, JIT_T, JIT_Y)
+            torch.testing.assert_close(out, outs[name], rtol=0, atol=0)
+            assert all((out - o).abs().max() > 0.1 for n, o in outs.items() if n != name)
+
+
+def test_jit_from_official_rejects_what_is_not_a_jit_checkpoint():
+    """Not a dict, another paper's checkpoint, our own checkpoint, a missing EMA, a pos_embed that is not the
+    sin-cos table: each one SystemExit line."""
+    sd = jit_official_net(jit_random_tiny(0).state_dict())
+    lightning = {"state_dict": {"ema_denoiser." + k: v for k, v in pixnerd.create_model("tiny", 32, 10).state_dict()
+                                .items()}, "epoch": 3}
+    swapped = dict(sd, pos_embed=sd["pos_embed"].view(1, 16, 2, 32).flip(2).reshape(1, 16, 64))  # row <-> column
+    cases = [(torch.zeros(3), "not a dict"), ([sd], "not a dict"), (lightning, "Lightning checkpoint"),
+             (lightning["state_dict"], "not an official JiT checkpoint"),
+             (deco.create_model("tiny", 32, 10).state_dict(), "not an official JiT checkpoint"),
+             ({"script": "jit", "ema": {}, "model": {}}, "our jit.py"),
+             ({"model": {"net." + k: v for k, v in sd.items()}}, "no 'model_ema1'"),
+             (swapped, "differs from the fixed sin-cos table"),
+             (dict(sd, pos_embed=sd["pos_embed"] + 2e-3), "differs from the fixed sin-cos table"),
+             (dict(sd, pos_embed=sd["pos_embed"][0]), "not (1, h*h, D)")]
+    for obj, words in cases:
+        with pytest.raises(SystemExit) as err:
+            jit.from_official(obj)
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(SystemExit, match="choose True/'ema1'"):
+        jit.from_official(sd, ema="ema3")
 
 # =================================================================================================================
 # pixeldit.py
