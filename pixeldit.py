@@ -1292,7 +1292,64 @@ def main(argv=None, encoder=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- Appendix. Built-in data: `--data shapes` ----
+# ---- Appendix A. The authors' weights: from_official ----
+# ---------------------------------------------------------------------------------------------------------------
+# Read from gcy-hub/PixelDiT commit d433a797a43d82869ff65098939b303bf9d34ee7 ("forked from PixelDiT"), whose c2i/
+# and pixdit_core/ are NVlabs/PixelDiT's (NVlabs/PixelDiT itself was not available to fetch here).
+# Released (official c2i/README.md): https://huggingface.co/nvidia/PixelDiT-ImageNet/resolve/main/<file>, files
+# imagenet256_pixeldit_xl_epoch{80,160,320}.ckpt and imagenet512_pixeldit_xl.ckpt: all PixelDiT-XL/16, 1000 classes,
+# pre-modulation PiT blocks; load them with create_model("PixelDiT-XL/16", 256 or 512, 1000).
+LIGHTNING_PREFIXES = ("ema_denoiser.", "denoiser.")  # official c2i/src/lightning.py, LightningModel.state_dict
+REPA_PROJ_PREFIX = "diffusion_trainer.proj.0."  # official REPATrainer.state_dict: proj only, a Sequential(Sequential)
+
+
+def from_official(obj, ema=True, repa=False):
+    """An official PixelDiT checkpoint, as torch.load(file, map_location="cpu") returns it -> a state dict with our
+    key names, for create_model(config, img_size, num_classes, repa_dim=REPA_DIM if repa else 0) with strict=True.
+    Accepts (layouts of the commit named above):
+      - the official Lightning .ckpt (c2i/main.py fit, and the released files, which c2i/main.py predict loads
+        with --ckpt_path): {"state_dict": {...}, "optimizer_states": ..., ...}, or that inner "state_dict" alone.
+        Its keys are "denoiser.*" (raw), "ema_denoiser.*" (EMA 0.9999; what predict_step samples with unless
+        eval_original_model) and "diffusion_trainer.proj.0.{0,2,4}.*" (the REPA projector, no EMA copy).
+        ema=True takes "ema_denoiser.", ema=False "denoiser."; a file holding only one of them serves only that one.
+      - the official network's own state_dict() (pixdit_core/pixeldit_c2i.py PixDiT): taken as it is (ema unused).
+    repa=True keeps the REPA projector as our repa_proj (to continue training with --repa); otherwise it is dropped,
+    as are the optimizer state and everything else outside the network. Anything else: a one-line SystemExit."""
+    what = ("pass what torch.load returns for an official PixelDiT c2i .ckpt (e.g. imagenet256_pixeldit_xl_epoch80"
+            ".ckpt) or for a PixDiT state_dict()")
+    if not isinstance(obj, dict):
+        raise SystemExit(f"from_official: got a {type(obj).__name__}, not a PixelDiT checkpoint dict; {what}.")
+    sd = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj   # Lightning .ckpt -> its weights
+    sd = {str(k): v for k, v in sd.items()}
+    if any(k.startswith(LIGHTNING_PREFIXES) for k in sd):                      # the Lightning module's layout
+        want = "ema_denoiser." if ema else "denoiser."
+        if not any(k.startswith(want) for k in sd):
+            raise SystemExit(f"from_official: this PixelDiT checkpoint has no {want}* weights; pass ema={not ema}.")
+        net = {k[len(want):]: v for k, v in sd.items() if k.startswith(want)}   # strip the prefix: our names
+    else:
+        net = dict(sd)                                                         # a bare PixDiT state_dict()
+    # Every other key is ours unchanged: our modules carry the names, shapes and layouts of the official PixDiT
+    # (pixdit_core/pixeldit_c2i.py, modules.py). It keeps its RoPE and pixel sin-cos tables in Python dicts, not
+    # buffers, so a checkpoint stores no table for us to check against our rebuilt ones.
+    if any(".attn.qkv_x." in k for k in net):                                  # pixdit_core/pixeldit_t2i.py
+        raise SystemExit("from_official: this is the text-to-image PixelDiT (PixDiT_T2I, e.g. pixeldit_t2i_v1.pth),"
+                         " not the class-conditional c2i model pixeldit.py implements; pass an ImageNet .ckpt.")
+    if not any(k.startswith("pixel_blocks.") and ".compress_to_attn." in k for k in net):
+        first = ", ".join(list(net)[:3])
+        raise SystemExit(f"from_official: no PiT-block keys (pixel_blocks.*.compress_to_attn), so not a PixelDiT "
+                         f"checkpoint (its first keys: {first}); {what}.")
+    if repa:
+        proj = {k[len(REPA_PROJ_PREFIX):]: v for k, v in sd.items() if k.startswith(REPA_PROJ_PREFIX)}
+        if not proj:
+            raise SystemExit("from_official: repa=True, but the file has no REPA projector "
+                             f"({REPA_PROJ_PREFIX}*: only the Lightning .ckpt holds it); pass repa=False.")
+        for name, v in proj.items():        # official proj.0.{0,2,4} (Linear, SiLU, Linear, SiLU, Linear) ->
+            net["repa_proj." + name] = v    # our repa_proj.{0,2,4}: the inner Sequential's indices are kept
+    return net
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix B. Built-in data: `--data shapes` ----
 # ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python pixeldit.py` runs with no download: one bright shape (the class) of random

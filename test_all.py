@@ -1137,6 +1137,126 @@ def test_pixeldit_data_presets_for_ffhq128(tmp_path):
         "PixelDiT-XL/16", True, 3.0, 0.5, 160)
 
 
+# ---- pixeldit.py: the authors' weights ----
+def official_pixdit_shapes(depth, pixel_depth, D, c, p, num_classes, post_modulation=False):
+    """The state_dict() of the official PixDiT (pixdit_core/pixeldit_c2i.py + modules.py), written out from
+    reading it: key -> shape. P = p*p pixels per patch; SwiGLU hidden int(2 * 4D / 3); class table + 1 null row."""
+    P, hid, d = p * p, int(2 * (4 * D) / 3), D // 2                        # tests use 2 heads: head dim D/2
+    def attn(pre, dim, hd):
+        return {pre + "qkv.weight": (3 * dim, dim), pre + "q_norm.weight": (hd,), pre + "k_norm.weight": (hd,),
+                pre + "proj.weight": (dim, dim), pre + "proj.bias": (dim,)}
+    shapes = {"pixel_embedder.proj.weight": (c, 3), "pixel_embedder.proj.bias": (c,),
+              "s_embedder.proj.weight": (D, 3 * P), "s_embedder.proj.bias": (D,),
+              "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+              "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+              "y_embedder.embedding_table.weight": (num_classes + 1, D),
+              "final_layer.norm.weight": (c,), "final_layer.linear.weight": (3, c), "final_layer.linear.bias": (3,)}
+    for i in range(depth):                                                 # AugmentedDiTBlock
+        b = f"patch_blocks.{i}."
+        shapes.update({b + "norm1.weight": (D,), b + "norm2.weight": (D,), **attn(b + "attn.", D, d),
+                       b + "mlp.w1.weight": (hid, D), b + "mlp.w3.weight": (hid, D), b + "mlp.w2.weight": (D, hid),
+                       b + "adaLN_modulation.0.weight": (6 * D, D), b + "adaLN_modulation.0.bias": (6 * D,)})
+    n_mod = 4 if post_modulation else 6
+    for i in range(pixel_depth):                                           # PiTBlock
+        b = f"pixel_blocks.{i}."
+        shapes.update({b + "compress_to_attn.weight": (D, P * c), b + "compress_to_attn.bias": (D,),
+                       b + "expand_from_attn.weight": (P * c, D), b + "expand_from_attn.bias": (P * c,),
+                       b + "norm1.weight": (c,), b + "norm2.weight": (c,), **attn(b + "attn.", D, d),
+                       b + "mlp.fc1.weight": (4 * c, c), b + "mlp.fc1.bias": (4 * c,),
+                       b + "mlp.fc2.weight": (c, 4 * c), b + "mlp.fc2.bias": (c,),
+                       b + "adaLN_modulation.0.weight": (n_mod * P * c, D),
+                       b + "adaLN_modulation.0.bias": (n_mod * P * c,)})
+    return shapes
+
+
+def official_pixeldit_weights(seed, **kw):
+    """Distinct random weights in the official layout for the "tiny" config (D=64, c=16, p=8, 2 + 1 blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = official_pixdit_shapes(depth=2, pixel_depth=1, D=64, c=16, p=8, num_classes=10, **kw)
+    return {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def official_lightning_ckpt(ema, raw, proj):
+    """A c2i/main.py Lightning checkpoint: LightningModel.state_dict() (denoiser., ema_denoiser., then the REPA
+    projector that REPATrainer.state_dict saves as proj.0.{0,2,4}) plus Lightning's own entries."""
+    sd = {**{"denoiser." + k: v for k, v in raw.items()}, **{"ema_denoiser." + k: v for k, v in ema.items()},
+          **{"diffusion_trainer.proj." + k: v for k, v in proj.items()}}
+    return {"epoch": 79, "global_step": 400_000, "pytorch-lightning_version": "2.5.0", "state_dict": sd,
+            "loops": {}, "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": []}
+
+
+def pixeldit_forward(sd, post_modulation=False):
+    torch.manual_seed(1)
+    z, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([3, 10])   # 10: the null (CFG) row
+    model = pixeldit.create_model("tiny", 32, 10, post_modulation=post_modulation)
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        return model(z, t, y)
+
+
+def test_pixeldit_from_official_lightning_ckpt_ema_raw_and_repa():
+    """The official .ckpt (as trained, and as released): EMA by default, raw with ema=False, also from the bare
+    "state_dict" and from a file holding only the EMA; optimizer state dropped; repa=True keeps the projector, whose
+    output equals the official nested Sequential's on the feature of patch block repa_layer."""
+    ema, raw = official_pixeldit_weights(0), official_pixeldit_weights(1)
+    g = torch.Generator().manual_seed(2)
+    proj = {f"0.{i}.{n}": 0.1 * torch.randn(s, generator=g) for i, (o, k) in [(0, (64, 64)), (2, (64, 64)),
+            (4, (pixeldit.REPA_DIM, 64))] for n, s in [("weight", (o, k)), ("bias", (o,))]}
+    ckpt = official_lightning_ckpt(ema, raw, proj)
+    v_ema, v_raw = pixeldit_forward(ema), pixeldit_forward(raw)
+    assert (v_ema - v_raw).abs().max() > 1e-3                              # the two copies really differ
+    assert torch.equal(pixeldit_forward(pixeldit.from_official(ckpt)), v_ema)
+    assert torch.equal(pixeldit_forward(pixeldit.from_official(ckpt, ema=False)), v_raw)
+    ema_only = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if k.startswith("ema_denoiser.")}}
+    for obj in (ckpt["state_dict"], ema_only):                             # the same tensors as from the .ckpt
+        sd = pixeldit.from_official(obj)
+        assert sd.keys() == ema.keys() and all(sd[k] is ema[k] for k in ema)
+    with pytest.raises(SystemExit, match=r"no denoiser\.\* weights; pass ema=True"):
+        pixeldit.from_official(ema_only, ema=False)
+    # repa=True: strict into a model with the projector; its output is the official proj's.
+    official_proj = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(),
+                                        torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 768)))
+    official_proj.load_state_dict(proj, strict=True)
+    model = pixeldit.create_model("tiny", 32, 10, repa_dim=pixeldit.REPA_DIM)
+    model.load_state_dict(pixeldit.from_official(ckpt, repa=True), strict=True)
+    seen = []
+    model.patch_blocks[model.repa_layer - 1].register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        v, h = model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2]), return_repa=True)
+        assert torch.allclose(h, official_proj(seen[0]), rtol=1e-5, atol=1e-6) and h.abs().max() > 1e-3
+
+
+def test_pixeldit_from_official_network_state_dict_pre_and_post_modulation():
+    """A bare PixDiT state_dict() loads as it is (ema has nothing to choose), for the released pre-modulation
+    blocks and for the post-modulation variant (pit_adaln_post_modulation, 4-way adaLN)."""
+    for post in (False, True):
+        net = official_pixeldit_weights(3, post_modulation=post)
+        sd = pixeldit.from_official(net)
+        assert sd.keys() == net.keys() and all(sd[k] is net[k] for k in net)
+        v = pixeldit_forward(sd, post)                                     # loads strict and runs
+        assert torch.isfinite(v).all() and v.abs().mean() > 1e-3
+    with pytest.raises(SystemExit, match="no REPA projector"):
+        pixeldit.from_official(net, repa=True)
+
+
+def test_pixeldit_from_official_refuses_what_is_not_a_pixeldit_checkpoint():
+    """Each wrong input ends in ONE line naming what the file is not and what to pass: a non-dict, JiT's
+    checkpoint-*.pth, a Lightning checkpoint of another paper (PixNerd's network under the same prefixes), and the
+    text-to-image PixelDiT (its MMDiT attention keys qkv_x)."""
+    other = {"ema_denoiser." + k: v for k, v in pixnerd.create_model("tiny", 32, 10).state_dict().items()}
+    t2i = {"patch_blocks.0.attn.qkv_x.weight": torch.zeros(3, 1), "pixel_blocks.0.compress_to_attn.weight":
+           torch.zeros(1, 1)}
+    cases = [(torch.zeros(3), "got a Tensor, not a PixelDiT checkpoint dict"),
+             ([1, 2], "got a list, not a PixelDiT checkpoint dict"),
+             ({"model": {}, "model_ema1": {}, "model_ema2": {}, "epoch": 1}, "first keys: model, model_ema1"),
+             ({"state_dict": other}, "no PiT-block keys"),
+             ({"state_dict": t2i, "state_dict_ema": t2i}, "text-to-image PixelDiT")]
+    for obj, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            pixeldit.from_official(obj)
+        assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 # =================================================================================================================
 # pixnerd.py
 # =================================================================================================================
