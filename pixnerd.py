@@ -1202,7 +1202,81 @@ def main(argv=None, encoder=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- Appendix. Built-in data: `--data shapes` ----
+# ---- Appendix A. The authors' weights: from_official (MCG-NJU/PixNerd checkpoints -> our state dict) ----
+# ---------------------------------------------------------------------------------------------------------------
+# Official key -> ours, for the keys that differ (official src/models/transformer/pixnerd_c2i.py, class PixNerDiT).
+# The rest are the same names and shapes: t_embedder.mlp.{0,2}, and in blocks[:depth] norm1, norm2,
+# attn.{qkv,q_norm,k_norm,proj} and mlp.{w1,w3,w2} (the official FeedForward keeps w1 and w3 apart, as ours).
+# Nothing is re-shaped. The official network stores no buffers (its RoPE table precompute_pos is a plain dict, its
+# DCT features NerfEmbedder.fetch_pos an lru_cache), so no rebuilt tensor has to be checked and dropped here.
+OFFICIAL_RENAMES = [
+    ("s_embedder.proj.", "s_embedder."),             # official Embed: Linear(3*p*p -> D) as .proj, its norm Identity
+    ("y_embedder.embedding_table.", "y_embedder."),  # official LabelEmbedder: nn.Embedding(classes + 1, D) inside
+    ("adaLN_modulation.0.", "adaLN_modulation."),    # official FlattenDiTBlock: Linear(D -> 6D) in an nn.Sequential
+    ("x_embedder.embedder.0.", "field.embed."),      # official NerfEmbedder: Linear(3 + 64 -> F) in an nn.Sequential
+    ("param_generator1.0.", "param_generator."),     # official NerfBlock: Linear(D -> 2*F*M) in an nn.Sequential
+    ("final_layer.", "field."),                      # official NerfFinalLayer: .norm RMSNorm(F), .linear(F -> 3)
+]
+OFFICIAL_REPA = "diffusion_trainer.proj.0."          # official REPATrainer.proj = Sequential(Sequential(L, SiLU, ...))
+
+
+def from_official(obj, ema=True, repa=False):
+    """Our state dict (create_model(config, img_size, num_classes, repa_dim=REPA_DIM if repa else 0) loads it with
+    strict=True) from what torch.load(file, map_location="cpu") returns for an official file. Follows MCG-NJU/PixNerd
+    at commit 6da060bd4b11a4a0ac2443a31b79701090e23c23 (src/models/transformer/pixnerd_c2i.py, src/lightning_model.py,
+    src/diffusion/flow_matching/training_repa.py). Accepted layouts:
+      - PixNerDiT.state_dict(): official blocks[:depth] are the transformer blocks, blocks[depth:] the NerfBlocks;
+      - a Lightning checkpoint (main.py fit; the released .ckpt files, read by main.py predict and app.py the same
+        way): {"state_dict": {"denoiser.*", "ema_denoiser.*", "diffusion_trainer.proj.*"}, "optimizer_states", ...}
+        (LightningModel.state_dict), that "state_dict" alone, or one holding only "ema_denoiser.*" (EMA only).
+    ema=True: the EMA weights (ema_denoiser, what official sampling uses: eval_original_model=False); ema=False: the
+    raw denoiser. A bare PixNerDiT state dict is returned as it is, whatever ema. repa=True adds the REPA projector
+    (official diffusion_trainer.proj, never EMA-averaged: ours gets the raw one with either ema); otherwise it is
+    dropped, with the optimizer state, the loops and every other trainer entry."""
+    if not isinstance(obj, dict):
+        raise SystemExit(f"not an official PixNerd checkpoint (torch.load gave a {type(obj).__name__}, not a dict): "
+                         "pass an MCG-NJU/PixNerd .ckpt or a PixNerDiT state_dict()")
+    if "script" in obj or "field.embed.weight" in obj:         # save_checkpoint's dict, or our model's state dict
+        raise SystemExit("this is a checkpoint of our pixnerd.py, not an official one: use it as it is (--resume, "
+                         "--init-from, sample.py) without from_official")
+    sd = obj.get("state_dict", obj)                            # Lightning: the weights under "state_dict"
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise SystemExit("not an official PixNerd checkpoint (no dict of named tensors): pass an MCG-NJU/PixNerd .ckpt "
+                         "or a PixNerDiT state_dict()")
+    net = sd
+    if any(k.startswith(("denoiser.", "ema_denoiser.")) for k in sd):   # official LightningModel.state_dict prefixes
+        prefix = "ema_denoiser." if ema else "denoiser."
+        net = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not net:
+            raise SystemExit(f"this official PixNerd file holds no {prefix}* weights (an EMA-only release?): pass "
+                             f"ema={not ema}")
+    if any(k.startswith("dec_net.") for k in net):             # DeCo's PixNerDiT: the same embedders, a dec_net head
+        raise SystemExit("this is an official DeCo checkpoint (dec_net.* keys), not PixNerd's: convert it with "
+                         "deco.py's from_official")
+    for key in ("x_embedder.embedder.0.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight"):
+        if key not in net:
+            raise SystemExit(f"not an official class-conditional PixNerd checkpoint (no {key!r}; another paper's "
+                             "file?): pass an MCG-NJU/PixNerd ImageNet .ckpt or a PixNerDiT state_dict()")
+    depth = sum(k.endswith(".attn.qkv.weight") for k in net)   # official num_cond_blocks: blocks with attention
+    out = {}
+    for k, v in net.items():
+        head, _, rest = k.partition(".")
+        if head == "blocks" and int(rest.split(".")[0]) >= depth:   # official blocks[depth + j] = our field.blocks[j]
+            j, _, rest = rest.partition(".")
+            k = f"field.blocks.{int(j) - depth}.{rest}"
+        for old, new in OFFICIAL_RENAMES:
+            k = k.replace(old, new)
+        out[k] = v
+    if repa:
+        proj = {k[len(OFFICIAL_REPA):]: v for k, v in sd.items() if k.startswith(OFFICIAL_REPA)}
+        if not proj:
+            raise SystemExit(f"this official PixNerd file has no REPA projector ({OFFICIAL_REPA}*): pass repa=False")
+        out.update({"repa_proj." + k: v for k, v in proj.items()})   # official proj.0.{0,2,4} = our repa_proj.{0,2,4}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix B. Built-in data: `--data shapes` ----
 # ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python pixnerd.py` runs with no download: one bright shape (the class) of random

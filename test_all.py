@@ -1663,6 +1663,113 @@ def test_pixnerd_resume_refuses_to_turn_repa_on(tmp_path):
         pixnerd.main(TINY + ["--repa", "--out", str(run), "--resume"], encoder=pixnerd_stand_in_encoder(8))
 
 
+# ---- pixnerd: the authors' weights ----
+def pixnerd_to_official(sd, depth):
+    """Our state dict -> the official PixNerDiT names (MCG-NJU/PixNerd pixnerd_c2i.py), written from its classes:
+    Embed(.proj), LabelEmbedder(.embedding_table), FlattenDiTBlock(adaLN_modulation = Sequential(Linear)),
+    NerfEmbedder(.embedder = Sequential(Linear)), NerfBlock(.param_generator1 = Sequential(Linear), .norm),
+    NerfFinalLayer(.norm, .linear); the NerfBlocks follow the transformer blocks in one `blocks` list."""
+    top = {"s_embedder.weight": "s_embedder.proj.weight", "s_embedder.bias": "s_embedder.proj.bias",
+           "y_embedder.weight": "y_embedder.embedding_table.weight",
+           "field.embed.weight": "x_embedder.embedder.0.weight", "field.embed.bias": "x_embedder.embedder.0.bias",
+           "field.norm.weight": "final_layer.norm.weight", "field.linear.weight": "final_layer.linear.weight",
+           "field.linear.bias": "final_layer.linear.bias"}
+    nerf = {"param_generator.weight": "param_generator1.0.weight", "param_generator.bias": "param_generator1.0.bias",
+            "norm.weight": "norm.weight"}
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("field.blocks."):
+            j, rest = k.split(".", 3)[2:]
+            k = f"blocks.{depth + int(j)}.{nerf[rest]}"
+        elif k.startswith("blocks."):
+            k = k.replace(".adaLN_modulation.", ".adaLN_modulation.0.")
+        elif k.startswith("repa_proj."):
+            k = "diffusion_trainer.proj.0." + k[len("repa_proj."):]     # REPATrainer.proj, kept by the trainer
+        else:
+            k = top.get(k, k)                                              # t_embedder.mlp.{0,2}: the same
+        out[k] = v.clone()
+    return out
+
+
+def pixnerd_official_pair():
+    """Two tiny PixNerds with different weights (the "raw" and the "EMA" copies), REPA projector included."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = pixnerd.create_model("tiny", 32, 10, repa_dim=pixnerd.REPA_DIM)
+        randomize_output_layer(m)
+        models.append(m.eval())
+    return models
+
+
+PIXNERD_LOADERS = {}                                               # repa -> one tiny model, reloaded per call
+
+
+def pixnerd_forward(sd, repa=False):
+    """The forward of the tiny PixNerd (with the REPA projector if repa) after load_state_dict(sd, strict=True)."""
+    if repa not in PIXNERD_LOADERS:
+        PIXNERD_LOADERS[repa] = pixnerd.create_model("tiny", 32, 10, repa_dim=pixnerd.REPA_DIM if repa else 0).eval()
+    model = PIXNERD_LOADERS[repa]
+    model.load_state_dict(sd, strict=True)
+    g = torch.Generator().manual_seed(2)
+    z, t, y = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0.3, 0.8]), torch.tensor([4, 10])
+    with torch.no_grad():
+        return model(z, t, y)
+
+
+def test_pixnerd_from_official_every_layout_gives_our_forward():
+    """The official layouts (pixnerd_c2i.py PixNerDiT.state_dict(); the Lightning .ckpt of lightning_model.py with
+    denoiser. / ema_denoiser. / diffusion_trainer. prefixes; an EMA-only file) convert, load strict and give the
+    forward of the model whose weights they hold: EMA by default, the raw copy with ema=False."""
+    raw, ema = pixnerd_official_pair()
+    depth = len(raw.blocks)
+    want_raw, want_ema = pixnerd_forward(raw.state_dict(), repa=True), pixnerd_forward(ema.state_dict(), repa=True)
+    assert not torch.allclose(want_raw, want_ema)
+    net = {k: v for k, v in pixnerd_to_official(ema.state_dict(), depth).items() if not k.startswith("diffusion")}
+    # The official names and shapes (read from PixNerDiT: hidden 64, hidden_size_x 16, nerf_mlpratio 2, 10 classes).
+    assert net["y_embedder.embedding_table.weight"].shape == (11, 64)
+    assert net["blocks.2.param_generator1.0.weight"].shape == (2 * 16 * 32, 64)
+    assert net["x_embedder.embedder.0.weight"].shape == (16, 67) and "blocks.1.adaLN_modulation.0.bias" in net
+    assert torch.equal(pixnerd_forward(pixnerd.from_official(net)), want_ema)
+    official_raw = pixnerd_to_official(raw.state_dict(), depth)  # + the trainer's diffusion_trainer.proj.* keys
+    state = {**{k if k.startswith("diffusion") else "denoiser." + k: v for k, v in official_raw.items()},
+             **{"ema_denoiser." + k: v for k, v in net.items()}}  # LightningModel.state_dict: no vae., conditioner.
+    ckpt = {"epoch": 319, "global_step": 1600000, "pytorch-lightning_version": "2.4.0", "state_dict": state,
+            "loops": {}, "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": []}
+    from_ema, from_raw = pixnerd.from_official(ckpt), pixnerd.from_official(ckpt, ema=False)
+    assert torch.equal(pixnerd_forward(from_ema), want_ema)
+    assert torch.equal(pixnerd_forward(from_raw), want_raw)
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # hence the same forward
+    assert same(pixnerd.from_official(state), from_ema)        # the checkpoint's state_dict alone
+    assert same(pixnerd.from_official(state, ema=False), from_raw)
+    sd = pixnerd.from_official(ckpt, repa=True)                 # the REPA projector, from the trainer (raw)
+    assert torch.equal(pixnerd_forward(sd, repa=True), want_ema)
+    assert all(torch.equal(sd[k], v) for k, v in raw.state_dict().items() if k.startswith("repa_proj."))
+    ema_only = {"state_dict": {k: v for k, v in state.items() if k.startswith("ema_denoiser.")}}
+    assert same(pixnerd.from_official(ema_only), from_ema)
+    with pytest.raises(SystemExit, match=r"holds no denoiser\.\* weights .*: pass ema=True"):
+        pixnerd.from_official(ema_only, ema=False)
+    with pytest.raises(SystemExit, match=r"no REPA projector .*: pass repa=False"):
+        pixnerd.from_official(ema_only, repa=True)
+    with pytest.raises(SystemExit, match=r"checkpoint of our pixnerd.py"):   # our own model's state dict
+        pixnerd.from_official(raw.state_dict())
+
+
+@pytest.mark.parametrize("obj,message", [
+    (torch.zeros(3), r"not an official PixNerd checkpoint \(torch.load gave a Tensor, not a dict\)"),
+    ({"state_dict": [1, 2]}, r"not an official PixNerd checkpoint \(no dict of named tensors\)"),
+    ({"model": {"net.x_embedder.proj1.weight": torch.zeros(1)}, "model_ema1": {}, "model_ema2": {}},   # JiT's file
+     r"not an official class-conditional PixNerd checkpoint \(no 'x_embedder.embedder.0.weight'; another paper"),
+    ({"state_dict": {"ema_denoiser.x_embedder.embedder.0.weight": torch.zeros(1),                     # DeCo's model
+                     "ema_denoiser.dec_net.input_proj.weight": torch.zeros(1)}}, r"official DeCo checkpoint"),
+    ({"script": "pixnerd", "model": {}, "ema": {}}, r"checkpoint of our pixnerd.py, not an official one"),
+])
+def test_pixnerd_from_official_refuses_what_is_not_an_official_pixnerd_file(obj, message):
+    with pytest.raises(SystemExit, match=message) as err:
+        pixnerd.from_official(obj)
+    assert "\n" not in str(err.value)
+
+
 # =================================================================================================================
 # deco.py
 # =================================================================================================================
