@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -645,7 +646,7 @@ def unpatchify(x, p, H, W):                             # (B, N, C*p*p) -> (B, C
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Data (ADM center crop, no flip: official PixImageNet; the built-in `shapes` data is in the appendix) --
+# ---- 8. Data (ADM center crop, no flip: official PixImageNet; the built-in `shapes` data: Appendix B) ------
 # ---------------------------------------------------------------------------------------------------------------
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
@@ -714,7 +715,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def make_dataset(args):
-    """`--data`: "shapes" (built in, appendix), a folder of images, or NAME for the folder data/NAME."""
+    """`--data`: "shapes" (built in, Appendix B), a folder of images, or NAME for the folder data/NAME."""
     if args.data == "shapes":
         return Shapes(args.img_size)
     for folder in (Path(args.data), Path("data", args.data)):
@@ -1295,7 +1296,77 @@ def main(argv=None, encoder=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- Appendix. Built-in data: `--data shapes` ----
+# ---- Appendix A. The authors' weights: from_official ----
+# ---------------------------------------------------------------------------------------------------------------
+# The official network is class PixNerDiT of src/models/transformer/dit_c2i_DeCo.py (Zehong-Ma/DeCo, commit
+# 9e0a349ae4a552c4670edf2c9e779fb8aa864834). Its state_dict holds the same tensors as ours, same shapes and layouts
+# (qkv fused as (3, heads, head_dim), SwiGLU w1/w3 separate, class table with the null class as its last row): only
+# module names differ, mapped below. It holds no buffers (its RoPE table sits in a dict, the DCT features in an
+# lru_cache), so there is no rebuilt buffer to check.
+OFFICIAL_NAMES = (  # (regex on the start of an official key, our prefix); the rest of the key (weight, bias) is kept
+    (r"s_embedder\.proj\.", "s_embed."),                            # Embed.proj: Linear(C*p*p -> D); its norm: Identity
+    (r"t_embedder\.mlp\.", "t_embed.mlp."),                         # the same Sequential(Linear, SiLU, Linear)
+    (r"y_embedder\.embedding_table\.", "y_embed."),                 # LabelEmbedder: (num_classes + 1, D)
+    (r"blocks\.(\d+)\.adaLN_modulation\.0\.", r"blocks.\1.adaLN."), # Linear(D -> 6D), the same chunk order
+    (r"blocks\.(\d+)\.(norm[12]|attn\.(qkv|[qk]_norm|proj)|mlp\.w[123])\.", r"blocks.\1.\2."),  # same names
+    (r"x_embedder\.embedder\.0\.", "decoder.x_embed."),             # NerfEmbedder: Linear(C + 64 -> d), RGB first
+    (r"dec_net\.(input_proj|cond_embed)\.", r"decoder.\1."),        # SimpleMLPAdaLN: the same two Linears
+    (r"dec_net\.res_blocks\.(\d+)\.in_ln\.", r"decoder.blocks.\1.norm."),             # ResBlock: affine LayerNorm
+    (r"dec_net\.res_blocks\.(\d+)\.mlp\.", r"decoder.blocks.\1.mlp."),                # Linear, SiLU, Linear
+    (r"dec_net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.", r"decoder.blocks.\1.adaLN.1."),  # after its SiLU
+    (r"dec_net\.final_layer\.linear\.", "decoder.linear_out."),     # its LayerNorm has no affine: no tensor
+    (r"diffusion_trainer\.proj\.0\.([024])\.", r"repa_proj.\1."),   # REPATrainer.proj = Sequential(Sequential(..))
+)
+NOT_DECO = {"param_generator1": "a PixNerd network (use pixnerd.py)", "model_ema1": "a JiT checkpoint (use jit.py)",
+            "text_refine_blocks": "the text-to-image DeCo-XXL (t2i_DeCo.ckpt); deco.py is class-conditional"}
+
+
+def from_official(obj, ema=True, repa=False):
+    """What torch.load returns for an official DeCo file -> our state dict, for create_model(config, img_size,
+    num_classes) and load_state_dict(strict=True); with repa=True for create_model(..., repa_dim=REPA_DIM).
+    Accepts (official commit 9e0a349):
+      - the Lightning checkpoint main.py writes, and the released imagenet256_epoch{320,600,800}.ckpt and
+        imagenet512_epoch340.ckpt (DeCo-XL/16, 1000 classes; run by `main.py predict --ckpt_path`): {"state_dict":
+        ..., "optimizer_states", "epoch", ...}, its state_dict from LightningModel.state_dict (src/lightning_model.py):
+        "denoiser." raw net, "ema_denoiser." EMA net, "diffusion_trainer.proj." the REPA projector (all that
+        REPATrainer.state_dict saves of the trainer); also that state_dict alone;
+      - PixNerDiT.state_dict() (keys without prefix; `ema` does not apply).
+    ema=True takes ema_denoiser (the net the official predict_step samples with), ema=False denoiser. repa=True
+    keeps the projector (to fine-tune with --repa); everything else (optimizer, loops, the other net) is dropped."""
+    if not isinstance(obj, dict):
+        raise SystemExit(f"not an official DeCo checkpoint: torch.load gave a {type(obj).__name__}, not a dict; "
+                         "pass a Zehong-Ma/DeCo .ckpt (e.g. imagenet256_epoch800.ckpt)")
+    if "script" in obj:                                   # our save_checkpoint names the script that wrote it
+        raise SystemExit(f"a checkpoint of our {obj['script']}.py, not an official DeCo file: pass it to --resume, "
+                         "--init-from or sample.py as it is")
+    sd = obj.get("state_dict", obj)                       # Lightning: the weights; epoch, optimizer_states dropped
+    net = dict(sd)                                        # PixNerDiT.state_dict(): the keys as they are
+    if any(k.startswith(("denoiser.", "ema_denoiser.")) for k in sd):   # LightningModel.state_dict()
+        which = "ema_denoiser." if ema else "denoiser."
+        net = {k[len(which):]: v for k, v in sd.items() if k.startswith(which)}
+        if not net:
+            raise SystemExit(f"this checkpoint has no {which}* weights; pass ema={not ema}")
+        if repa:                                          # the trainer's projector keeps its full key
+            net.update({k: v for k, v in sd.items() if k.startswith("diffusion_trainer.proj.")})
+    if repa and not any(k.startswith("diffusion_trainer.proj.") for k in net):
+        raise SystemExit("repa=True, but this file holds no REPA projector (diffusion_trainer.proj.*); "
+                         "pass repa=False (the projector starts fresh)")
+    out = {}
+    for k, v in net.items():
+        for pattern, ours in OFFICIAL_NAMES:
+            if m := re.match(pattern, str(k)):
+                out[m.expand(ours) + k[m.end():]] = v     # e.g. blocks.3.adaLN_modulation.0.bias -> blocks.3.adaLN.bias
+                break
+        else:
+            what = next((w for mark, w in NOT_DECO.items() if any(mark in str(j) for j in sd)), "")
+            raise SystemExit(f"{k!r} is not a key of the official DeCo network (dit_c2i_DeCo.py PixNerDiT)"
+                             f"{': this looks like ' + what if what else ''}; pass a Zehong-Ma/DeCo class-to-image "
+                             ".ckpt or a PixNerDiT state_dict")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- Appendix B. Built-in data: `--data shapes` ----
 # ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python deco.py` runs with no download: one bright shape (the class) of random

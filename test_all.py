@@ -2102,6 +2102,106 @@ def test_deco_init_from_a_smaller_resolution_run(tmp_path):
                   encoder=stand_in_encoder(8))
 
 
+# ---- deco.py: the authors' weights ----
+# The official layouts as Zehong-Ma/DeCo (commit 9e0a349) writes them: PixNerDiT.state_dict() of
+# src/models/transformer/dit_c2i_DeCo.py, wrapped by LightningModel.state_dict() (src/lightning_model.py) in a
+# Lightning checkpoint. Our keys -> theirs by plain string replacement, written from our reading of their classes
+# (not from deco.OFFICIAL_NAMES); applied in order.
+DECO_TO_OFFICIAL = [
+    ("s_embed.", "s_embedder.proj."), ("t_embed.", "t_embedder."), ("y_embed.", "y_embedder.embedding_table."),
+    ("decoder.x_embed.", "x_embedder.embedder.0."), ("decoder.linear_out.", "dec_net.final_layer.linear."),
+    ("decoder.blocks.", "dec_net.res_blocks."), ("decoder.", "dec_net."), (".norm.", ".in_ln."),
+    (".adaLN.1.", ".adaLN_modulation.1."), (".adaLN.", ".adaLN_modulation.0."),
+]
+
+
+def deco_official_net(model):
+    """PixNerDiT.state_dict() with our model's weights."""
+    out = {}
+    for k, v in model.state_dict().items():
+        for ours, theirs in DECO_TO_OFFICIAL:
+            k = k.replace(ours, theirs, 1)
+        out[k] = v.clone()
+    return out
+
+
+def deco_official_ckpt(raw, ema, proj):
+    """A Lightning checkpoint of the official main.py: denoiser. / ema_denoiser. / diffusion_trainer.proj.0.*
+    (REPATrainer saves only its projector, a Sequential in a Sequential), optimizer state and loop counters."""
+    sd = {**{"denoiser." + k: v for k, v in deco_official_net(raw).items()},
+          **{"ema_denoiser." + k: v for k, v in deco_official_net(ema).items()},
+          **{f"diffusion_trainer.proj.0.{i}.{n}": w for i, wb in proj.items() for n, w in zip(("weight", "bias"), wb)}}
+    return {"epoch": 319, "global_step": 1_600_000, "pytorch-lightning_version": "2.4.0", "state_dict": sd,
+            "loops": {}, "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": []}
+
+
+def deco_forward(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z, t = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, generator=g)
+    with torch.no_grad():
+        return model.eval()(z, t, torch.tensor([3, DECO_TINY["num_classes"]]))     # a class and the null class
+
+
+def test_deco_from_official_network_state_dict():
+    m = tiny_model(seed=1, randomize=True)
+    off = deco_official_net(m)
+    for k, shape in (("x_embedder.embedder.0.weight", (16, 67)), ("s_embedder.proj.weight", (64, 192)),
+                     ("y_embedder.embedding_table.weight", (11, 64)), ("blocks.1.adaLN_modulation.0.bias", (384,)),
+                     ("blocks.0.attn.q_norm.weight", (32,)), ("blocks.0.mlp.w3.weight", (170, 64)),
+                     ("dec_net.cond_embed.weight", (1024, 64)), ("dec_net.res_blocks.1.in_ln.bias", (16,)),
+                     ("dec_net.res_blocks.0.mlp.2.weight", (16, 16)),
+                     ("dec_net.res_blocks.1.adaLN_modulation.1.weight", (48, 16)),
+                     ("dec_net.final_layer.linear.weight", (3, 16)), ("t_embedder.mlp.2.bias", (64,))):
+        assert tuple(off[k].shape) == shape, k                       # the official names and shapes
+    fresh = tiny_model(seed=2)
+    fresh.load_state_dict(deco.from_official(off), strict=True)
+    torch.testing.assert_close(deco_forward(fresh), deco_forward(m), rtol=0, atol=0)
+
+
+def test_deco_from_official_lightning_checkpoint_ema_raw_and_repa():
+    raw, ema = tiny_model(seed=3, randomize=True), tiny_model(seed=4, randomize=True)
+    proj = {i: (torch.randn(n, 64), torch.randn(n)) for i, n in ((0, 64), (2, 64), (4, 768))}  # D -> D -> D -> 768
+    ckpt = deco_official_ckpt(raw, ema, proj)
+    want_ema, want_raw = deco_forward(ema), deco_forward(raw)
+    assert not torch.allclose(want_ema, want_raw)
+    m = tiny_model(seed=5)
+    for flag, want in ((True, want_ema), (False, want_raw)):         # EMA by default, ema=False the raw net
+        sd = deco.from_official(ckpt, ema=flag)
+        m.load_state_dict(sd, strict=True)
+        torch.testing.assert_close(deco_forward(m), want, rtol=0, atol=0)
+        alone = deco.from_official(ckpt["state_dict"], ema=flag)    # the state_dict alone: the same weights
+        assert alone.keys() == sd.keys() and all(torch.equal(alone[k], sd[k]) for k in sd)
+    m = tiny_model(seed=5, repa_dim=deco.REPA_DIM)
+    sd = deco.from_official(ckpt, repa=True)                         # + the projector, for --repa fine-tuning
+    m.load_state_dict(sd, strict=True)
+    for i in (0, 2, 4):
+        assert torch.equal(m.repa_proj[i].weight, proj[i][0]) and torch.equal(m.repa_proj[i].bias, proj[i][1])
+    assert torch.equal(m.decoder.cond_embed.weight, ema.decoder.cond_embed.weight)
+
+
+def test_deco_from_official_refuses_other_files():
+    off = deco_official_net(tiny_model())
+    t = torch.zeros(1)
+    pixnerd_net = {k: v for k, v in off.items() if not k.startswith("dec_net.")}   # PixNerd: NerfBlocks, no dec_net
+    pixnerd_net.update({"final_layer.linear.weight": t, "blocks.2.param_generator1.0.weight": t})
+    cases = [(torch.zeros(3), "gave a Tensor, not a dict"), ([off], "gave a list, not a dict"),
+             ({"state_dict": {"ema_denoiser." + k: v for k, v in pixnerd_net.items()}}, "looks like a PixNerd network"),
+             ({"model": {"net.blocks.0.attn.qkv.weight": t}, "model_ema1": {}, "model_ema2": {}, "epoch": 1},
+              "looks like a JiT checkpoint"),
+             ({"y_pos_embedding": t, "text_refine_blocks.0.norm1.weight": t}, "text-to-image DeCo-XXL"),
+             ({"script": "pixnerd", "model": {}}, "a checkpoint of our pixnerd.py"),
+             ({"foo.weight": t}, "'foo.weight' is not a key of the official DeCo network")]
+    for obj, msg in cases:
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            deco.from_official(obj)
+    with pytest.raises(SystemExit, match="no REPA projector"):       # the bare network has none
+        deco.from_official(off, repa=True)
+    raw_only = {"state_dict": {"denoiser." + k: v for k, v in off.items()}}
+    with pytest.raises(SystemExit, match=r"no ema_denoiser\.\* weights; pass ema=False"):
+        deco.from_official(raw_only)
+    assert deco.from_official(raw_only, ema=False).keys() == tiny_model().state_dict().keys()
+
+
 # =================================================================================================================
 # sample.py
 # =================================================================================================================
