@@ -1290,7 +1290,7 @@ def toy_experiment(dims=(2, 8, 16, 512), preds=("x", "eps", "v"), steps=1000, ou
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- Appendix D. The authors' weights: from_official (LTH14/JiT, commit cbc743a) ----
+# ---- Appendix C. The authors' weights: from_official (LTH14/JiT, commit cbc743a) ----
 # ---------------------------------------------------------------------------------------------------------------
 # Follows LTH14/JiT at commit cbc743a2ada5e9762697da2c83f8c4f8379e8c17 ("include pretrained ckpts"; read in the
 # fork zlong928/JiT, whose one later commit, by another author, changes no key). The network is model_jit.py's
@@ -1355,7 +1355,7 @@ def check_sincos(pos_embed):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- Appendix C. Built-in data: `--data shapes` ----
+# ---- Appendix D. Built-in data: `--data shapes` ----
 # ---------------------------------------------------------------------------------------------------------------
 class Shapes(torch.utils.data.Dataset):
     """Built-in labelled data, so `python jit.py` runs with no download: one bright shape (the class) of random
