@@ -22,6 +22,7 @@ Official code: LTH14/JiT (PyTorch). Differences from it: grep "DIFF:".
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -61,6 +62,8 @@ CONFIGS = {
     # Not in the paper. DiT-S-sized, the size the FFHQ-128 patch-size reproduction calls "JiT-S"; 33M params
     # (with 1 class). Our default for the built-in shapes data (with --patch-size 8 at 64px).
     "JiT-S": dict(depth=12, width=384, heads=6, patch=16, bottleneck=128, ctx_start=4, drop=0.0),
+    # Not in the paper: the laptop preset's model (LAPTOP_PRESET: 32px shapes in minutes on a CPU); 8x8 patches.
+    "JiT-T": dict(depth=6, width=128, heads=4, patch=8, bottleneck=32, ctx_start=2, drop=0.0),
     # For the tests only: one forward+backward at 32px in milliseconds on a CPU.
     "tiny": dict(depth=4, width=64, heads=2, patch=8, bottleneck=16, ctx_start=1, drop=0.0),
 }
@@ -667,22 +670,43 @@ def train_step(model, ema, opt, x, y, step, args):
     x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
     if args.flip:                                                         # random horizontal flip (official code)
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-    raw = unwrap(model)
+    raw, terms = unwrap(model), {}
+    opt.zero_grad(set_to_none=True)
     try:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
-            if (args.pred, args.loss) == ("x", "v"):                      # the paper's objective (Alg. 1)
-                loss = flow_loss(model, x, y, raw.num_classes, raw.noise_scale)
-            else:                                                         # the ablation of Tab. 2 (appendix)
-                loss = ablation_loss(model, x, y, raw.num_classes, raw.pred, args.loss, raw.noise_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for xk, yk in micro_batches(model, x, y, args.grad_accum):       # one, unless --grad-accum K
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                # bf16 autocast without a GradScaler (bf16 has fp32's range), as the official code.
+                if (args.pred, args.loss) == ("x", "v"):                  # the paper's objective (Alg. 1)
+                    loss = flow_loss(model, xk, yk, raw.num_classes, raw.noise_scale)
+                else:                                                     # the ablation of Tab. 2 (appendix)
+                    loss = ablation_loss(model, xk, yk, raw.num_classes, raw.pred, args.loss, raw.noise_scale)
+            (loss / args.grad_accum).backward()                           # K equal means average to the batch's
+            terms["loss"] = terms.get("loss", 0) + loss.detach() / args.grad_accum
     except torch.OutOfMemoryError:
-        raise SystemExit(f"out of GPU memory at {x.shape[0]} images per GPU ({args.config}, {args.img_size}px): "
-                         "lower --batch-size, use more GPUs, or keep --precision bf16.") from None
+        raise out_of_memory(x, args) from None
+    except NotImplementedError as err:                                    # an op the MPS backend lacks
+        raise SystemExit(f"{x.device.type}: {str(err).splitlines()[0][:150]}; use --device cpu, or set "
+                         "PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops on the CPU.") from None
     opt.step()
     ema.update(step)
-    return dict(loss=loss.detach())
+    return terms
+
+
+def micro_batches(model, x, y, k):
+    """--grad-accum K (nanoGPT's gradient_accumulation_steps): the K micro-batches of (x, y), B/K images each. DDP
+    averages the gradients over the GPUs once per step, on the last one (no_sync around the others)."""
+    for i, (xk, yk) in enumerate(zip(x.chunk(k), y.chunk(k))):
+        with model.no_sync() if i < k - 1 and hasattr(model, "no_sync") else contextlib.nullcontext():
+            yield xk, yk
+
+
+def out_of_memory(x, args):
+    """The one line for a CUDA out-of-memory error, with a --grad-accum that halves the images per forward."""
+    k = args.grad_accum * 2
+    return SystemExit(f"out of GPU memory at {x.shape[0]} images per forward per GPU ({args.config}, {args.img_size}"
+                      f"px): add --grad-accum {k} (the same batch in {k} pieces), lower --batch-size, use more GPUs, "
+                      "or keep --precision bf16.")
+
 
 
 class LossLog:
@@ -692,7 +716,7 @@ class LossLog:
 
     def __init__(self, path, args, world, rank):
         self.path, self.args, self.world, self.rank = path, args, world, rank
-        self.sums, self.n, self.t0 = {}, 0, time.time()
+        self.sums, self.n, self.t0, self.last = {}, 0, time.time(), {}
 
     def add(self, terms):                                   # terms: train_step's dict of 0-dim tensors
         self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
@@ -707,7 +731,7 @@ class LossLog:
         if not all(map(math.isfinite, means.values())):
             raise SystemExit(f"loss is {means['loss']} at step {step}: training diverged. {self.path.parent}/ckpt.pt "
                              "holds the last good checkpoint; resume from it with a lower --lr (or --precision fp32).")
-        rate = self.n * self.args.batch_size / (time.time() - self.t0)
+        rate, self.last = self.n * self.args.batch_size / (time.time() - self.t0), means
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(dict(step=step, **means, lr=lr_at(step, self.args), img_per_s=rate)) + "\n")
@@ -728,6 +752,62 @@ def save_grid(images, path, nrow):
 
 
 # ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
+def plot_loss(log, path, size=(720, 360)):
+    """RUN/loss.png from RUN/log.jsonl, drawn with Pillow: each loss term against the step on a log scale, every
+    reading thin and a smoothed line (a running mean of log-loss) thick, so progress is a glance, not JSON."""
+    rows = [json.loads(r) for r in log.read_text().splitlines() if r.endswith("}")] if log.exists() else []
+    terms = [k for k in (rows[0] if rows else {}) if k not in ("step", "lr", "img_per_s")]
+    curves = {k: [(r["step"], math.log10(r[k])) for r in rows if r.get(k, 0) > 0] for k in terms}
+    curves = {k: c for k, c in curves.items() if c}              # a term that is 0 throughout (REPA off) is left out
+    W, H, left, right, top, bottom = *size, 56, 80, 24, 36
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 6), f"{log.parent.name}: loss per reading (log scale) vs step", fill="black")
+    if curves:
+        xs = [s for c in curves.values() for s, _ in c]
+        ys = [v for c in curves.values() for _, v in c]
+        x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+        y0, y1 = math.floor(min(ys)), max(math.ceil(max(ys)), math.floor(min(ys)) + 1)   # whole decades
+        X = lambda s: left + (s - x0) / (x1 - x0) * (W - left - right)          # noqa: E731
+        Y = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)    # noqa: E731
+        for e in range(y0, y1 + 1):                                            # decade grid lines and labels
+            draw.line([(left, Y(e)), (W - right, Y(e))], fill=(225, 225, 225))
+            draw.text((4, Y(e) - 6), f"1e{e}", fill="black")
+        for s in (x0, (x0 + x1) // 2, x1):
+            draw.text((X(s) - 12, H - bottom + 6), str(s), fill="black")
+        draw.rectangle([left, top, W - right, H - bottom], outline="black")
+        colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
+        for i, (k, c) in enumerate(curves.items()):
+            color = colors[i % len(colors)]
+            smooth, m = [], c[0][1]
+            for s, v in c:
+                m = 0.7 * m + 0.3 * v
+                smooth.append((X(s), Y(m)))
+            draw.line([(X(s), Y(v)) for s, v in c], fill=tuple((3 * ch + 2 * 255) // 5 for ch in color), width=1)
+            draw.line(smooth, fill=color, width=3)
+            draw.text((W - right + 8, top + 16 * i), k, fill=color)
+    img.save(path)
+
+
+def draw_grid(model, y, noise, step, args, run, bar):
+    """RUN/grid_STEP.png: the EMA model's samples with the paper's sampler, from fixed noise and labels (successive
+    grids compare; column c is class c), and RUN/loss.png redrawn beside it. A grid takes a minute on a CPU."""
+    t0, path = time.time(), run / f"grid_{step:07d}.png"
+    bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
+    save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)
+    plot_loss(run / "log.jsonl", run / "loss.png")
+    bar.write(f"step {step}: {path} and {run / 'loss.png'} ({time.time() - t0:.0f} s)")
+
+
+def finish(run, first, step, seconds, log, args):
+    """The end of a run: what it did, where its files are, and the command that samples it."""
+    grids, took = sorted(run.glob("grid_*.png")), f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    print(f"done: {step - first} steps (to step {step}) in {took}, {(step - first) * args.batch_size / seconds:.0f} "
+          f"img/s, final loss {log.last.get('loss', float('nan')):.4f}\n"
+          f"  checkpoint  {run / 'ckpt.pt'}\n  last grid   {grids[-1] if grids else '(none)'}\n"
+          f"  loss curve  {run / 'loss.png'}\n  sample it   python sample.py {run} --grid {run / 'samples.png'}")
+
+
 def rng_state():
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
@@ -741,10 +821,11 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank):
+def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank, keep=False):
     """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
     then os.replace: a kill mid-write never corrupts ckpt.pt. Weights or EMA that are not finite are never saved:
-    the run stops and the previous checkpoint stays."""
+    the run stops and the previous checkpoint stays. keep (--keep-every): also a snapshot ckpt_STEP.pt beside it,
+    weights and EMA only (no optimizer), for sample.py and --init-from (LTH14/JiT#42: sweep EMA and steps)."""
     tensors = list(raw.state_dict().items()) + list(ema.model.state_dict().items())
     finite = torch.stack([torch.isfinite(v).all() for _, v in tensors if v.is_floating_point()])
     if not finite.all():                                            # one host sync per checkpoint
@@ -756,24 +837,27 @@ def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, wo
     else:
         rngs = [rng_state()]
     if rank == 0:
-        tmp = Path(str(path) + ".tmp")
-        try:
-            torch.save(dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
-                            model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
-                            opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state)), tmp)
-        except (OSError, RuntimeError) as err:          # disk full or quota (torch's writer raises RuntimeError)
-            tmp.unlink(missing_ok=True)
-            raise SystemExit(f"could not write {path} ({str(err).splitlines()[0][:100]}): is the disk full? Free "
-                             "space or use another --out; the previous checkpoint is intact.") from None
-        os.replace(tmp, path)
+        ckpt = dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
+                    model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
+                    opt=opt.state_dict(), step=step, args=vars(args), rng=rngs, data=dict(data_state))
+        snapshot = {k: v for k, v in ckpt.items() if k not in ("opt", "rng", "data")}
+        for dest, content in [(path, ckpt)] + [(path.with_name(f"ckpt_{step:07d}.pt"), snapshot)] * keep:
+            tmp = Path(str(dest) + ".tmp")
+            try:
+                torch.save(content, tmp)
+            except (OSError, RuntimeError) as err:      # disk full or quota (torch's writer raises RuntimeError)
+                tmp.unlink(missing_ok=True)
+                raise SystemExit(f"could not write {dest} ({str(err).splitlines()[0][:100]}): is the disk full? "
+                                 "Free space or use another --out; the previous checkpoint is intact.") from None
+            os.replace(tmp, dest)
 
 
-def find_checkpoint(path):
+def find_checkpoint(path, flag="--resume"):
     """--resume takes a run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently ignored
     there and training restarted from scratch)."""
     path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
     if not path.is_file():
-        raise SystemExit(f"--resume: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
+        raise SystemExit(f"{flag}: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
     return path
 
 
@@ -790,6 +874,9 @@ def load_checkpoint(path):
     if made_by != SCRIPT:
         raise SystemExit(f"--resume: {path} is a checkpoint of {made_by}.py, not of {SCRIPT}.py; "
                          f"resume it with {made_by}.py or start a new run with another --out.")
+    if "opt" not in ckpt:                               # a --keep-every snapshot: no optimizer, RNG or data position
+        raise SystemExit(f"--resume: {path} is a snapshot (weights only); resume from {path.parent}/ckpt.pt, or "
+                         f"start a new run from it with --init-from {path}.")
     return ckpt
 
 
@@ -812,6 +899,48 @@ def restore(args, raw, ema, opt, num_classes, rank):
                 if r.endswith("}") and json.loads(r)["step"] <= ckpt["step"]]
         log.write_text("".join(r + "\n" for r in rows))
     return ckpt["step"], dict(ckpt["data"])
+
+
+def init_from(args, raw, ema, opt, num_classes):
+    """--init-from FILE: a NEW run (step 0, data from the start) from another jit.py run (its ckpt.pt: weights, EMA
+    and Adam moments; a ckpt_STEP.pt snapshot: weights and EMA) or from the authors' checkpoint (from_official:
+    its EMA weights start both). At another class count the label table keeps its fresh init, with a warning
+    (fine-tuning on your own classes); everything else must fit this config (load_weights)."""
+    path = find_checkpoint(args.init_from, "--init-from")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)     # official files hold an argparse args
+    except Exception as err:                            # empty, truncated, random bytes
+        raise SystemExit(f"--init-from: {path} is not a readable checkpoint (truncated or corrupt? "
+                         f"{type(err).__name__}).") from None
+    if isinstance(obj, dict) and obj.get("script") == SCRIPT:
+        weights, averaged, adam = obj["model"], obj["ema"], obj.get("opt")
+    else:                                               # the authors' layout (another script's: a one-line error)
+        weights = averaged = from_official(obj)
+        adam = None
+    fresh = raw.state_dict()[LABEL_TABLE]
+    if weights.get(LABEL_TABLE, fresh).shape != fresh.shape:
+        warnings.warn(f"--init-from: {path} has {weights[LABEL_TABLE].shape[0] - 1} classes, this data "
+                      f"{num_classes}: the label table starts from scratch, the rest from the file.")
+        weights, averaged, adam = {**weights, LABEL_TABLE: fresh}, {**averaged, LABEL_TABLE: fresh}, None
+    load_weights(raw, weights, path, args.config)
+    load_weights(ema.model, averaged, path, args.config)
+    if adam is not None:                                # Adam's moments fit only the very same parameters
+        opt.load_state_dict(adam)
+
+
+def load_weights(model, state, source, config):
+    """model.load_state_dict(state) with strict=True, but a file that does not fit the model ends in one line
+    naming the first missing, unexpected or mis-shaped key and the config it was compared with."""
+    have = model.state_dict()
+    problems = [("missing", [k for k in have if k not in state]), ("unexpected", [k for k in state if k not in have]),
+                ("mis-shaped", [k for k in have if k in state and state[k].shape != have[k].shape])]
+    for what, keys in problems:
+        if keys:
+            shapes = f" {tuple(state[keys[0]].shape)}, {config} has {tuple(have[keys[0]].shape)}" \
+                if what == "mis-shaped" else ""
+            raise SystemExit(f"{source} does not fit {config} ({len(keys)} {what} keys, first {keys[0]!r}{shapes}): "
+                             "pass the config, image size and class count it was made with.")
+    model.load_state_dict(state)
 
 
 def lock_run(run):
@@ -874,7 +1003,8 @@ def setup_distributed(args):
 # images (lr = blr * batch / 256: the official code's rule; the paper's Tab. 9 gives its result, lr 2e-4 at batch
 # 1024). A folder that is not one of these names gets FOLDER_DEFAULTS.
 # DIFF: for the built-in shapes demo we use blr 4e-4 (lr 2e-4 at batch 128, the paper's ImageNet lr at batch 1024)
-# so a 10k-step run moves visibly; ffhq128 and imagenet keep the paper's blr 5e-5.
+# so a 10k-step run moves visibly (LAPTOP_PRESET: lr 2e-3 for its 600 steps); ffhq128 and imagenet keep the
+# paper's blr 5e-5.
 DATA_PRESETS = {
     "shapes": dict(img_size=64, config="JiT-S", patch_size=8, batch_size=128, steps=10_000, blr=4e-4,
                    sample_every=1000, ckpt_every=1000),
@@ -883,8 +1013,14 @@ DATA_PRESETS = {
     "imagenet": dict(img_size=256, config="JiT-B/16", batch_size=1024, steps=750_000, blr=5e-5,
                      sample_every=10_000, ckpt_every=10_000),  # 600 epochs at batch 1024 = 750k steps
 }
+# `--data shapes` with no GPU (and no --config / --img-size): JiT-T at 32px, 600 steps of 64 images, 4.1 min on
+# our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). Its grids use Heun-25 (half
+# the paper's 50 steps: 10 s each); no loader worker (next to torch's two threads it halved the speed).
+LAPTOP_PRESET = dict(img_size=32, config="JiT-T", batch_size=64, steps=600, lr=2e-3, warmup_epochs=0.2,
+                     sample_every=300, sample_steps=25, ckpt_every=300, log_every=25, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
                        sample_every=5000, ckpt_every=5000)
+LABEL_TABLE = "y_embedder.weight"  # the class embedding, num_classes + 1 rows (--init-from)
 MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers")  # never taken from a checkpoint
 SAME_RUN = ("config", "img_size", "patch_size", "pred", "loss", "noise_scale")  # a resumed run cannot change these
 
@@ -919,10 +1055,16 @@ def get_args(argv=None):
     g.add_argument("--blr", type=float, default=4e-4, help="base learning rate per 256 images (paper: 5e-5)")
     g.add_argument("--warmup-epochs", type=float, default=5.0, help="linear lr warmup, in epochs")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, reached after a warmup")
+    g.add_argument("--grad-accum", type=int, default=1, help="split each step's batch into K micro-batches: the "
+                   "same update in 1/K of the memory (DDP syncs once per step)")
+    g.add_argument("--init-from", help="start a NEW run from another jit.py run's weights (RUN, ckpt.pt, a "
+                   "ckpt_STEP.pt snapshot) or an official LTH14/JiT checkpoint-*.pth")
     g = p.add_argument_group("run folder, logging, sampling")
     g.add_argument("--out", help="run folder (default: runs/jit-DATA; with --resume, the resumed run's)")
     g.add_argument("--resume", nargs="?", const="", help="continue a run: its folder or ckpt file (alone: --out)")
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    g.add_argument("--keep-every", type=int, default=0, help="also keep a weights-only snapshot ckpt_STEP.pt every N "
+                   "steps, for sample.py (0: none)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
     g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
     g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's for the config)")
@@ -945,6 +1087,7 @@ def resolve_args(p, argv):
     by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
+    p.set_defaults(config=None, img_size=None)                   # None: not given (every preset sets both)
     first, saved, done = known(), {}, 0
     if first.resume is not None:
         first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
@@ -952,8 +1095,13 @@ def resolve_args(p, argv):
         saved = {k: v for k, v in ckpt["args"].items() if k in vars(first) and k not in MACHINE}
         done = ckpt["step"]
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
-    p.set_defaults(**{**DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS), **saved})
+    # No GPU, --data shapes, no --config / --img-size: the laptop preset, a result in minutes (README "No GPU?").
+    laptop = not (first.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") and \
+        first.resume is None and first.data == "shapes" and first.config is None and first.img_size is None
+    p.set_defaults(**{**(LAPTOP_PRESET if laptop else DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS)),
+                      **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
+    args.laptop = laptop
     if args.config not in CONFIGS:
         raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     for key in SAME_RUN:
@@ -1009,6 +1157,9 @@ def check_numbers(args):
             raise SystemExit(f"--{key} {getattr(args, key)}: the learning rate must be a positive number.")
     if not 0 <= args.ema < 1:
         raise SystemExit(f"--ema {args.ema}: the EMA decay must be in [0, 1).")
+    if args.grad_accum < 1 or args.keep_every < 0:
+        raise SystemExit(f"--grad-accum {args.grad_accum} --keep-every {args.keep_every}: --grad-accum must be 1 or "
+                         "more, --keep-every 0 (no snapshots) or more.")
     if args.num_workers < 0:
         raise SystemExit(f"--num-workers {args.num_workers}: must be 0 (load in this process) or more.")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -1025,8 +1176,12 @@ def main(argv=None):
 
     # Setup processes and devices: one process per GPU under torchrun, else one process on --device.
     rank, world, device = setup_distributed(args)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple.")
+    if args.batch_size % (world * args.grad_accum):
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world} processes x --grad-accum "
+                         f"{args.grad_accum}; use a multiple.")
+    if rank == 0 and args.laptop:
+        print(f"no GPU: the laptop preset ({args.config}, {args.img_size}px, {args.steps} steps); --config "
+              f"{DATA_PRESETS['shapes']['config']} --img-size {DATA_PRESETS['shapes']['img_size']} gives the GPU one.")
     torch.manual_seed(args.seed + rank)                 # ranks draw different t, noise and label drops
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -1044,9 +1199,12 @@ def main(argv=None):
         run.mkdir(parents=True, exist_ok=True)
         lock_run(run)
 
-    # Setup model, EMA, optimizer, and on --resume all of their state.
+    # Setup model, EMA, optimizer, and on --resume all of their state (--init-from: the weights of another run).
     raw, ema, opt = build(args, num_classes, device)
     step, data_state = restore(args, raw, ema, opt, num_classes, rank)
+    if args.init_from and args.resume is None:
+        init_from(args, raw, ema, opt, num_classes)
+    ema.warmup = not args.init_from                     # a run started --init-from continues that EMA at its decay
     model = compile_and_wrap(raw, args, device, ddp=world > 1)
     batches = make_batches(dataset, args, rank, world, device, data_state)
     if rank == 0:
@@ -1058,7 +1216,7 @@ def main(argv=None):
     grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
 
     # Training loop.
-    log, stopping = LossLog(run / "log.jsonl", args, world, rank), False
+    log, stopping, first, t0 = LossLog(run / "log.jsonl", args, world, rank), False, step, time.time()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
     with StopSignals() as stop:                         # Ctrl-C, SIGTERM: the step finishes, the run saves, stops
         while step < args.steps and not stopping:
@@ -1067,19 +1225,21 @@ def main(argv=None):
             log.add(train_step(model, ema, opt, x, y, step, args))
             bar.update(1)
             stopping = stop_requested(stop.seen, step, args, world, device)
-            save = step % args.ckpt_every == 0 or step == args.steps or stopping
-            if step % args.log_every == 0 or save:
+            keep = args.keep_every > 0 and step % args.keep_every == 0
+            save = keep or step % args.ckpt_every == 0 or step == args.steps or stopping
+            if step % args.log_every == 0 or save or step - first in (1, 10):   # a first reading within seconds
                 log.write(step, bar)                    # before any save: a NaN run stops, never checkpointed
             if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
-                images = sample(ema.model, grid_y, steps=args.sample_steps, cfg=args.cfg, noise=grid_noise)
-                save_grid(images, run / f"grid_{step:07d}.png", nrow=8)
+                draw_grid(ema.model, grid_y, grid_noise, step, args, run, bar)
             if save:
-                save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank)
+                save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank, keep)
     bar.close()
     if rank == 0:
         (run / "lock").unlink(missing_ok=True)          # the run folder is free again
     if stopping:
         raise SystemExit(f"stopped at step {step}, saved {run}/ckpt.pt; continue with --resume {run}")
+    if rank == 0:
+        finish(run, first, step, time.time() - t0, log, args)
     if world > 1:
         dist.destroy_process_group()
     return run
@@ -1376,7 +1536,7 @@ class Shapes(torch.utils.data.Dataset):
         S = 4 * self.size
         img = Image.new("RGB", (S, S), tuple(int(c) for c in rng.integers(0, 110, 3)))   # (S, S, 3) dark background
         draw = ImageDraw.Draw(img)
-        r = rng.uniform(0.22, 0.36) * S                                         # shape radius
+        r = rng.uniform(0.25, 0.40) * S                                         # shape radius
         cx, cy = rng.uniform(r, S - r, 2)                                       # centre, the shape inside the image
         color = tuple(int(c) for c in rng.integers(140, 256, 3))                # bright fill
 

@@ -15,6 +15,7 @@ Shapes: B batch, H=W image size, N number of samples, F=2048 Inception features.
     torchrun --nproc_per_node=8 sample.py RUN --num-samples 50000 --outdir samples/ --npz samples.npz  # 8 GPUs
     python sample.py --fid data/ffhq128 --save-stats ffhq128_stats.npz  # reference statistics, once
     python sample.py RUN --n 50000 --outdir samples/ --fid ffhq128_stats.npz                 # FID-50k
+    python sample.py --official checkpoint-last.pth --script jit --config JiT-B/16 --n 50000 --npz jit.npz  # authors'
 
 FID uses pytorch-fid's network and weight file (the TF FID Inception, ported), reimplemented below in plain torch;
 get the weights once: see INCEPTION_URL. Differences from pytorch-fid: grep "DIFF:".
@@ -91,9 +92,28 @@ def load_model(path, weights="ema", device="cpu"):
         raise SystemExit(f"{path} is not a checkpoint of our scripts (no 'script' field).")
     mod = import_script(ckpt["script"], str(path))
     model = mod.create_model(ckpt["config"], ckpt["img_size"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
-    model.load_state_dict(ckpt["ema" if weights == "ema" else "model"])
+    mod.load_weights(model, ckpt["ema" if weights == "ema" else "model"], path, ckpt["config"])   # misfit: one line
     ckpt = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "opt")}  # free the other copies
     return mod, model.to(device).eval().requires_grad_(False), ckpt
+
+
+def load_official(path, script, config, img_size, num_classes, weights="ema", device="cpu"):
+    """The authors' released checkpoint -> the same triple as load_model: the script's from_official maps its keys
+    to ours, then a strict load into create_model(config, img_size, num_classes) (load_weights: one line if the
+    file does not fit the config)."""
+    mod = import_script(script, f"--script {script}")
+    if config not in mod.CONFIGS:
+        raise SystemExit(f"--config {config!r}: {script}.py has {', '.join(mod.CONFIGS)}.")
+    if not Path(path).is_file():
+        raise SystemExit(f"--official {path}: no such file; pass the authors' checkpoint file (README).")
+    try:                                                # official files hold pickled objects (JiT: argparse args)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:                            # empty, truncated, random bytes
+        raise SystemExit(f"{path} is not a readable checkpoint (truncated or corrupt? {type(err).__name__}).") from None
+    model = mod.create_model(config, img_size, num_classes)
+    mod.load_weights(model, mod.from_official(obj, ema=weights == "ema"), path, config)
+    info = dict(script=script, config=config, img_size=img_size, num_classes=num_classes, step=None)
+    return mod, model.to(device).eval().requires_grad_(False), info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,6 +539,12 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="run folder (its ckpt.pt) or checkpoint file; omit with --save-stats")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA weights or the raw model's")
+    # -- the authors' released weights instead of our checkpoint (README "Using the authors' weights")
+    p.add_argument("--official", metavar="FILE", help="an official checkpoint of the paper of --script, as released")
+    p.add_argument("--script", choices=SCRIPTS, help="with --official: the paper (jit, pixeldit, pixnerd, deco)")
+    p.add_argument("--config", help="with --official: its config, e.g. JiT-B/16, PixelDiT-XL/16, DeCo-XL/16")
+    p.add_argument("--img-size", type=int, default=256, help="with --official: the image size it was trained at")
+    p.add_argument("--num-classes", type=int, default=1000, help="with --official: its class count (ImageNet)")
     # -- what to sample
     # --num-samples is the same flag: torchrun's own parser rejects "--n" as an ambiguous prefix of its options.
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
@@ -554,6 +580,12 @@ def get_args(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be positive.")
     if args.save_stats and not args.fid:
         raise SystemExit("--save-stats FILE saves the statistics of --fid REF: pass both.")
+    if args.official and (args.ckpt or not (args.script and args.config)):
+        raise SystemExit("--official FILE replaces the checkpoint argument and needs --script and --config, e.g. "
+                         "--official checkpoint-last.pth --script jit --config JiT-B/16")
+    if args.official and (args.img_size <= 0 or args.num_classes <= 0):
+        raise SystemExit(f"--img-size {args.img_size} --num-classes {args.num_classes}: both must be positive.")
+    args.ckpt = args.ckpt or args.official
     if args.ckpt is None and not args.save_stats:
         raise SystemExit("pass a checkpoint (run folder or .pt); without one, only --fid REF --save-stats FILE.")
     if args.ckpt and not (args.grid or args.outdir or args.npz or args.fid):
@@ -633,7 +665,9 @@ def main(argv=None):
         inception_weights_path(args.inception_weights)        # fail before sampling, not after an hour of it
 
     if args.ckpt:
-        mod, model, ckpt = load_model(args.ckpt, args.weights, device)
+        mod, model, ckpt = load_official(args.official, args.script, args.config, args.img_size, args.num_classes,
+                                         args.weights, device) if args.official else \
+            load_model(args.ckpt, args.weights, device)
         if args.compile and device.type == "cuda":
             # One graph per batch shape (B, and 2B inside the CFG interval); the compiled module forwards the
             # attributes the scripts' sample() reads (config, img_size, num_classes, ...) to the plain model.

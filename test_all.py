@@ -6,6 +6,7 @@ Every test asserts values that matter (not only shapes). Sections: the behaviour
 
 import argparse
 import ast
+import contextlib
 import importlib
 import inspect
 import json
@@ -77,10 +78,11 @@ SHARED = {
                           "compile_and_wrap", "LossLog", "save_grid", "rng_state", "set_rng_state", "save_checkpoint",
                           "find_checkpoint", "load_checkpoint", "restore", "setup_distributed", "Help",
                           "resolve_args", "Shapes", "open_rgb", "ignore_sigint", "lock_run", "alive",
-                          "stop_requested", "StopSignals", "check_numbers"]),
+                          "stop_requested", "StopSignals", "check_numbers", "micro_batches", "out_of_memory",
+                          "plot_loss", "draw_grid", "finish", "load_weights"]),
     "the v-predicting three": ([pixeldit, pixnerd, deco], ["rope_2d", "apply_rope", "Attention", "SwiGLU.__init__",
                                                            "SwiGLU.forward", "x_to_v", "v_to_x", "velocity",
-                                                           "repa_loss", "repa_encoder", "load_dinov2"]),
+                                                           "repa_loss", "repa_encoder", "load_dinov2", "init_from"]),
 }
 
 
@@ -151,7 +153,7 @@ def test_every_script_cli_smoke_writes_the_shared_checkpoint_grid_and_log(mod, t
     grid = Image.open(run / "grid_0000004.png")
     assert grid.size == (8 * 34 + 2, 8 * 34 + 2) and np.asarray(grid).std() > 1                 # 8x8 samples, 2px gaps
     log = read_log(run)
-    assert [r["step"] for r in log] == [2, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert [r["step"] for r in log] == [1, 2, 4] and all(math.isfinite(r["loss"]) for r in log)   # 1: first reading
     # The paper's training defaults reach the run (each script's own).
     if mod is jit:
         assert ckpt["model_kwargs"]["pred"] == "x" and ckpt["args"]["loss"] == "v" and ckpt["args"]["flip"] is True
@@ -179,6 +181,182 @@ def test_every_script_resumes_with_identical_losses_and_weights(mod, tmp_path):
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]) and torch.equal(ca["ema"][key], cb["ema"][key]), key
 
+
+# ---- the first hour: laptop preset, first feedback, grad accumulation, snapshots, loss curve, --init-from ----
+@by_script
+def test_laptop_preset_is_chosen_only_on_cpu_for_shapes_without_config_or_size(mod, tmp_path):
+    """No GPU here: `--data shapes` alone takes LAPTOP_PRESET; --config, --img-size, --device cuda, another --data
+    or a resumed run keep the GPU preset (the user asked for something else)."""
+    args = mod.get_args([])
+    assert args.laptop and args.config == mod.LAPTOP_PRESET["config"] and args.img_size == 32
+    assert args.steps == mod.LAPTOP_PRESET["steps"] and args.config in mod.CONFIGS
+    gpu = mod.DATA_PRESETS["shapes"]
+    for flags in (["--config", gpu["config"]], ["--img-size", "64"], ["--device", "cuda"]):
+        args = mod.get_args(flags)
+        assert not args.laptop and (args.config, args.img_size) == (gpu["config"], gpu["img_size"]), flags
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "0.png")
+    assert not mod.get_args(["--data", str(tmp_path)]).laptop
+
+
+@by_script
+def test_laptop_config_learns_a_fixed_batch_in_a_few_dozen_steps(mod):
+    """The laptop preset's model and lr on one fixed batch of 4 shapes: 40 steps cut the loss by at least 40% (by
+    50-61% on our CPU)."""
+    torch.manual_seed(0)
+    preset = mod.LAPTOP_PRESET
+    args = mod.get_args(["--device", "cpu", "--num-workers", "0"])
+    assert args.config == preset["config"]
+    raw, ema, opt = mod.build(args, 8, torch.device("cpu"))
+    ds = mod.Shapes(32)
+    x, y = torch.stack([ds[i][0] for i in range(4)]), torch.tensor([ds[i][1] for i in range(4)])
+    losses = [mod.train_step(raw, ema, opt, x, y, s, args)["loss"].item() for s in range(1, 41)]
+    assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[1:9]), losses
+
+
+def fixed_draws(monkeypatch):
+    """t, noise, label drop and flip as fixed functions of each image instead of random draws, so that they do not
+    depend on how a batch is split into micro-batches."""
+    def full(value):
+        def draw(*size, device=None, dtype=None, **_):
+            size = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+            return torch.full(tuple(size), value, device=device, dtype=dtype or torch.float32)
+        return draw
+    monkeypatch.setattr(torch, "randn", full(0.3))
+    monkeypatch.setattr(torch, "rand", full(0.7))                   # 0.7: no label drop, no flip
+    monkeypatch.setattr(torch, "randn_like", lambda x, **_: torch.sin(7 * x + 1))
+    monkeypatch.setattr(torch, "rand_like", lambda x, **_: torch.full_like(x, 0.7))
+
+
+@by_script
+def test_grad_accum_2_of_4_gives_the_gradient_of_one_batch_of_8(mod, monkeypatch):
+    ds = mod.Shapes(32)
+    x, y = torch.stack([ds[i][0] for i in range(8)]), torch.tensor([ds[i][1] for i in range(8)])
+    grads, losses, batches = [], [], []
+    for k in (1, 2):
+        args = mod.get_args(TINY + ["--batch-size", "8", "--grad-accum", str(k), "--lr", "1e-3"])
+        torch.manual_seed(0)                                        # the same init for both
+        raw, ema, opt = mod.build(args, 8, torch.device("cpu"))
+        forward = raw.forward
+        raw.forward = lambda z, *a, **kw: (batches.append(z.shape[0]), forward(z, *a, **kw))[1]  # noqa: B023
+        with monkeypatch.context() as m:
+            fixed_draws(m)
+            losses.append(mod.train_step(raw, ema, opt, x, y, 2, args))
+        grads.append([p.grad for p in raw.parameters()])
+    assert batches == [8, 4, 4]                                     # K=2: two forwards of 4 images
+    for term in losses[0]:
+        torch.testing.assert_close(losses[1][term], losses[0][term], rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batches_sync_ddp_gradients_on_the_last_only():
+    class FakeDDP:                                                  # records DDP's no_sync() contexts
+        entered = 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            FakeDDP.entered += 1
+            yield
+    seen = []
+    x, y = torch.arange(6).view(6, 1), torch.arange(6)
+    for xk, yk in jit.micro_batches(FakeDDP(), x, y, 3):
+        seen.append((yk.tolist(), FakeDDP.entered))
+    assert seen == [([0, 1], 1), ([2, 3], 2), ([4, 5], 2)]       # no_sync around the first two, not the last
+
+
+@by_script
+def test_run_gives_early_loss_grid_line_snapshots_loss_png_and_a_summary_of_files_that_exist(mod, tmp_path, capsys):
+    run = mod.main(TINY + ["--steps", "4", "--batch-size", "4", "--log-every", "50", "--sample-every", "4",
+                           "--keep-every", "2", "--ckpt-every", "50", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr()
+    assert [r["step"] for r in read_log(run)] == [1, 2, 4]         # a reading at step 1; saves at 2 and 4
+    assert "step 4: sampling a grid of 64 images" in out.out + out.err
+    for step in (2, 4):                                             # snapshots: weights and EMA, no optimizer
+        snap = torch.load(run / f"ckpt_{step:07d}.pt", weights_only=False)
+        assert snap["step"] == step and not {"opt", "rng", "data"} & set(snap)
+        assert set(snap["model"]) == set(snap["ema"])
+    _, model, info = sample.load_model(run / "ckpt_0000002.pt")     # sample.py reads a snapshot
+    assert info["step"] == 2 and all(torch.equal(v, snap_v) for v, snap_v in
+                                     zip(model.state_dict().values(), torch.load(
+                                         run / "ckpt_0000002.pt", weights_only=False)["ema"].values()))
+    with pytest.raises(SystemExit, match="is a snapshot .weights only.; resume from .*ckpt.pt"):
+        mod.main(TINY + ["--steps", "6", "--out", str(tmp_path / "run"), "--resume", str(run / "ckpt_0000004.pt")])
+    png = Image.open(run / "loss.png")
+    assert png.size == (720, 360) and len(np.unique(np.asarray(png).reshape(-1, 3), axis=0)) > 3   # lines drawn
+    summary = out.out[out.out.index("done: "):]
+    named = re.findall(r"(\S+\.(?:pt|png))", summary)
+    assert len(named) >= 4 and all(Path(p).exists() or Path(p).name == "samples.png" for p in named), named
+    assert f"python sample.py {run} --grid" in summary
+
+
+def test_plot_loss_draws_each_term_and_skips_a_term_that_is_zero(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(dict(step=s, loss=1 / s, mse=0.5 / s, repa=0.0, lr=1e-4, img_per_s=9)) + "\n"
+                           for s in range(1, 40)) + '{"step": 40, "loss"')  # a cut-off last line
+    deco.plot_loss(log, tmp_path / "loss.png")
+    img = np.asarray(Image.open(tmp_path / "loss.png")).reshape(-1, 3)
+    colors = {tuple(c) for c in img}
+    assert (31, 119, 180) in colors and (214, 39, 40) in colors and (44, 160, 44) not in colors   # loss, mse; no repa
+
+
+def random_tiny(mod, num_classes, seed):
+    """The tiny model with every weight perturbed (the zero-initialised output layers too): distinct outputs."""
+    torch.manual_seed(seed)
+    model = mod.create_model("tiny", 32, num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+# Our tiny model's weights in each paper's official layout (each script's section writes its layout out).
+OFFICIAL_FILE = {
+    "jit": lambda m: jit_official_net(m.state_dict()),
+    "pixeldit": lambda m: official_lightning_ckpt(m.state_dict(), m.state_dict(), {}),
+    "pixnerd": lambda m: {"state_dict": {"ema_denoiser." + k: v for k, v in
+                                         pixnerd_to_official(m.state_dict(), 2).items()}},
+    "deco": lambda m: deco_official_net(m),
+}
+
+
+@by_script
+def test_init_from_an_official_checkpoint_at_another_class_count_loads_all_but_the_label_table(mod, tmp_path):
+    source = random_tiny(mod, 10, 1)                                # 10 classes; shapes has 8
+    torch.save(OFFICIAL_FILE[mod.SCRIPT](source), tmp_path / "official.pt")
+    args = mod.get_args(TINY + ["--init-from", str(tmp_path / "official.pt")])
+    torch.manual_seed(2)
+    raw, ema, opt = mod.build(args, 8, torch.device("cpu"))
+    fresh = raw.state_dict()[mod.LABEL_TABLE].clone()
+    with pytest.warns(UserWarning, match="has 10 classes, this data 8: the label table starts from scratch"):
+        mod.init_from(args, raw, ema, opt, 8)
+    for name, model in (("raw", raw), ("ema", ema.model)):
+        for k, v in model.state_dict().items():
+            want = fresh if k == mod.LABEL_TABLE else source.state_dict()[k]
+            assert torch.equal(v, want), (name, k)
+
+
+@by_script
+def test_sample_py_official_samples_as_our_own_checkpoint_and_refuses_misfits_in_one_line(mod, tmp_path):
+    model = random_tiny(mod, 10, 3)
+    torch.save(OFFICIAL_FILE[mod.SCRIPT](model), tmp_path / "official.pt")
+    torch.save(dict(script=mod.SCRIPT, config="tiny", img_size=32, num_classes=10, model_kwargs={}, step=0,
+                    model=model.state_dict(), ema=model.state_dict()), tmp_path / "ours.pt")
+    common = ["--n", "4", "--steps", "2", "--device", "cpu", "--classes", "1,2,3,4"]
+    official = ["--official", str(tmp_path / "official.pt"), "--script", mod.SCRIPT, "--img-size", "32",
+                "--num-classes", "10"]
+    sample.main(official + ["--config", "tiny", "--npz", str(tmp_path / "a.npz")] + common)
+    sample.main([str(tmp_path / "ours.pt"), "--npz", str(tmp_path / "b.npz")] + common)
+    a, b = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in "ab")
+    assert a.shape == (4, 32, 32, 3) and np.array_equal(a, b) and a.std() > 0
+    with pytest.raises(SystemExit, match=rf"does not fit {mod.LAPTOP_PRESET['config']} \(\d+ \w+ keys, first"):
+        sample.main(official + ["--config", mod.LAPTOP_PRESET["config"], "--grid", str(tmp_path / "g.png")])
+    data = (tmp_path / "official.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="is not a readable checkpoint"):
+        sample.main(official[:1] + [str(tmp_path / "cut.pt")] + official[2:] + ["--config", "tiny", "--grid",
+                                                                               str(tmp_path / "g.png")])
 
 # ---- nothing lost: Ctrl-C, NaN weights, a killed run's log, two runs in one folder ----
 RUN6 = TINY + ["--batch-size", "4", "--log-every", "1", "--sample-every", "100", "--ckpt-every", "4"]
@@ -448,8 +626,9 @@ def test_default_loader_workers_share_the_cores_among_the_gpus(mod, monkeypatch)
         monkeypatch.setattr(mod.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
         assert mod.default_workers() == expected
-        assert mod.get_args(["--device", "cpu"]).num_workers == expected
+        assert mod.get_args(["--device", "cpu", "--config", "tiny"]).num_workers == expected
     assert mod.get_args(["--device", "cpu", "--num-workers", "3"]).num_workers == 3
+    assert mod.get_args(["--device", "cpu"]).num_workers == 0      # the laptop preset: the cores go to compute
 
 
 @pytest.mark.parametrize("mod", [jit, pixeldit, pixnerd, deco], ids=lambda m: m.SCRIPT)
@@ -2097,9 +2276,11 @@ def test_deco_init_from_a_smaller_resolution_run(tmp_path):
     # the loaded EMA continues at its decay (0.9999): one update moves it by 1e-4 of (weights - EMA), not 82%
     ema_before, ema_after, w = cs["ema"][k], cb["ema"][k], cb["model"][k]
     assert torch.allclose(ema_after, 0.9999 * ema_before + 0.0001 * w, atol=1e-7)
-    with pytest.raises(SystemExit, match="--init-from: that run has repa=False"):
-        deco.main(train_args(tmp_path / "c", "--steps", "1", "--repa", "--init-from", str(small)),
+    # --repa from a run without REPA: the projector starts fresh, everything else comes from the run
+    c = deco.main(train_args(tmp_path / "c", "--steps", "1", "--repa", "--init-from", str(small)),
                   encoder=stand_in_encoder(8))
+    cc = torch.load(c / "ckpt.pt", weights_only=False)
+    assert "repa_proj.0.weight" in cc["model"] and torch.allclose(cs["model"][k], cc["model"][k], atol=1e-3)
 
 
 # ---- deco.py: the authors' weights ----
