@@ -17,7 +17,7 @@ writes the reversed convention, x_t = (1-t)*x0 + t*x1 with x1 the noise; the off
 Shapes: B batch, C=3 channels, H=W image size, p patch (16), N=(H/p)^2 DiT tokens, D DiT width, P=p*p pixels per
 patch, d decoder width (32), K=8 DCT block size.
 
-    python deco.py                                    # built-in shapes data, DeCo-S/8 at 64px, minutes on one GPU
+    python deco.py                                    # built-in shapes data: DeCo-S/8 at 64px (no GPU: DeCo-T)
     python deco.py --data ffhq128                     # FFHQ thumbnails in data/ffhq128, DeCo-L/16
     torchrun --nproc_per_node=8 deco.py --data imagenet          # the paper's run: DeCo-XL/16, 256px, REPA
     torchrun --nproc_per_node=8 deco.py --data imagenet --img-size 512 --steps 100000 \

@@ -11,7 +11,7 @@ Start reading at `flow_loss` (Alg. 1, one screen), then `sample` (Alg. 2) and th
 Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 is pure noise e, t=1 is data x; v = dz/dt = x - e.
 Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens, D width.
 
-    python jit.py                                        # built-in "shapes" data, JiT-S
+    python jit.py                                        # built-in "shapes" data: JiT-S (no GPU: JiT-T, 4 min)
     python jit.py --data ffhq128                         # FFHQ 128x128 (see README for the download)
     torchrun --nproc_per_node=8 jit.py --data imagenet --config JiT-B/16     # the paper's ImageNet-256 run
     python jit.py --data ffhq128 --config JiT-S --patch-size 8 --pred v      # one cell of the ablation (§4.2)

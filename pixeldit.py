@@ -13,7 +13,7 @@ Time (all our scripts): z_t = t*x + (1-t)*e, t=0 noise, t=1 data; v = dz/dt = x 
 Shapes: B batch, C=3, H=W image, p patch, h=w=H/p patch grid, L=h*w patches (patch tokens), P=p*p pixels per
         patch, D patch-level width, c=16 pixel-level width.
 
-    python pixeldit.py                                   # built-in "shapes" data, PixelDiT-S/8, minutes on a GPU
+    python pixeldit.py                                   # built-in "shapes" data: PixelDiT-S/8 (no GPU: PixelDiT-T)
     python pixeldit.py --data ffhq128                    # FFHQ 128x128, PixelDiT-B/16 (README: download, defaults)
     python pixeldit.py --data ffhq128 --repa             # + REPA alignment to DINOv2 (downloads it via torch.hub)
     torchrun --nproc_per_node=8 pixeldit.py --data imagenet       # the paper's ImageNet-256 run: XL/16 + REPA

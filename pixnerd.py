@@ -13,7 +13,7 @@ Time: z_t = t*x + (1-t)*e, t=0 noise e, t=1 data x (all our scripts); the networ
 Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*w tokens (patches), D width,
         P=p*p pixels per patch, F field width (64), M field MLP hidden (128), E=768 DINOv2 feature width.
 
-    python pixnerd.py                                    # built-in "shapes" data, PixNerd-S/8 (45M) at 64px
+    python pixnerd.py                                    # built-in "shapes" data: PixNerd-S/8 (no GPU: PixNerd-T)
     python pixnerd.py --data ffhq128                     # FFHQ 128x128 (see README for the download)
     torchrun --nproc_per_node=8 pixnerd.py --data imagenet --config PixNerd-L/16     # the paper's ImageNet-256
     python pixnerd.py --data imagenet --dinov2-path ~/dinov2   # REPA (on for imagenet) from a local dinov2 clone
