@@ -1013,9 +1013,10 @@ DATA_PRESETS = {
     "imagenet": dict(img_size=256, config="JiT-B/16", batch_size=1024, steps=750_000, blr=5e-5,
                      sample_every=10_000, ckpt_every=10_000),  # 600 epochs at batch 1024 = 750k steps
 }
-# `--data shapes` with no GPU (and no --config / --img-size): JiT-T at 32px, 600 steps of 64 images, 4.1 min on
-# our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). Its grids use Heun-25 (half
-# the paper's 50 steps: 10 s each); no loader worker (next to torch's two threads it halved the speed).
+# `--data shapes` with no GPU (and no --config / --img-size): JiT-T at 32px, 600 steps of 64 images, 4.1 min on our
+# 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). Its grids use Heun-25 (half the paper's
+# 50 steps: 10 s a grid). No loader worker: the shapes are drawn in the training process (about 0.4 ms an image),
+# torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="JiT-T", batch_size=64, steps=600, lr=2e-3, warmup_epochs=0.2,
                      sample_every=300, sample_steps=25, ckpt_every=300, log_every=25, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
