@@ -1282,6 +1282,8 @@ def check_numbers(args):
                          "more, --keep-every 0 (no snapshots) or more.")
     if args.num_workers < 0:
         raise SystemExit(f"--num-workers {args.num_workers}: must be 0 (load in this process) or more.")
+    if args.init_from and args.resume is None:          # a missing file stops the run before its folder is made
+        find_checkpoint(args.init_from, "--init-from")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SystemExit(f"--out {args.out}: that is a file; give a folder for the run.")
 

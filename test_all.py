@@ -335,6 +335,9 @@ def test_init_from_an_official_checkpoint_at_another_class_count_loads_all_but_t
         for k, v in model.state_dict().items():
             want = fresh if k == mod.LABEL_TABLE else source.state_dict()[k]
             assert torch.equal(v, want), (name, k)
+    with pytest.raises(SystemExit, match="--init-from: no checkpoint at"):     # before the run folder is made
+        mod.main(TINY + ["--init-from", str(tmp_path / "none.pt"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 @by_script
