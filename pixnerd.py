@@ -567,20 +567,19 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
-    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion, used by all four papers): box-halve while the short side is >= 2*size,
+    bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)  # (an early official center_crop_fn took the center without resizing: a pitfall we avoid)
+    arr = np.asarray(img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC))
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top: top + size, left: left + size]
 
 
 def open_rgb(path):
-    """An image file as 8-bit RGB. 16-bit greyscale (PIL modes "I;16", "I") is scaled to 8 bits: PIL's own
-    conversion clips it, so mid-grey would come out white. Palette, alpha, CMYK and 1-bit images convert as usual."""
+    """An image file as 8-bit RGB. 16-bit greyscale is scaled to 8 bits (PIL's own conversion clips it: mid-grey
+    would come out white); palette, alpha, CMYK and 1-bit images convert as usual."""
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
@@ -588,23 +587,19 @@ def open_rgb(path):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Every image under `root`, searched recursively. Class subfolders (ImageNet layout: every image inside a
-    top-level folder) give class labels; otherwise (FFHQ) one class. Returns (uint8 (3, H, W), label): the
-    normalisation to [-1, 1] happens on the GPU (train_step) so the host only moves bytes."""
+    """Every image under `root` (recursive) as (uint8 (3, H, W), label); [-1, 1] is made on the device. Class
+    subfolders (ImageNet: every image inside a top-level folder) give labels, else one class (FFHQ)."""
 
     def __init__(self, root, size, class_cond=True):
         self.root, self.size = Path(root), size
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
         if not self.files:
             raise SystemExit(f"no images (png/jpg/jpeg/webp) found under {root}: check the --data path.")
-        parts = [p.relative_to(self.root).parts for p in self.files]
-        if class_cond and all(len(q) > 1 for q in parts):
-            self.classes = sorted({q[0] for q in parts})
-            index = {c: i for i, c in enumerate(self.classes)}
-            self.labels = [index[q[0]] for q in parts]
-        else:
-            self.classes, self.labels = ["all"], [0] * len(self.files)
-        self.bad = set()    # unreadable files met by this process (each DataLoader worker has its own)
+        tops = [p.relative_to(self.root).parts for p in self.files]
+        self.classes = sorted({q[0] for q in tops}) if class_cond and all(len(q) > 1 for q in tops) else ["all"]
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index.get(q[0], 0) for q in tops]
+        self.bad = set()                                # unreadable files met by this process (or worker)
 
     def __len__(self):
         return len(self.files)
@@ -636,8 +631,8 @@ def make_dataset(args):
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that can start part-way through
-    an epoch, so a resumed run continues at the batch where the killed one stopped instead of replaying it."""
+    """DistributedSampler (a seeded permutation per epoch, sharded over ranks) that starts `skip` samples in, so a
+    resumed run continues at the batch where the killed one stopped."""
     skip = 0
 
     def __iter__(self):
@@ -648,9 +643,8 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def make_batches(dataset, args, rank, world, device, data_state):
-    """Endless (x, y) batches on the device: uint8 (B/world, 3, H, W) images and (B/world,) labels, decoded by
-    worker processes into pinned memory and copied asynchronously. data_state = {"epoch", "pos"} counts the
-    batches consumed; it is saved in checkpoints, so a resumed run continues at the next batch."""
+    """Endless (x, y) batches on the device: uint8 (B/world, 3, H, W), (B/world,). Workers decode into pinned memory.
+    data_state {"epoch", "pos"} counts the batches consumed; checkpoints save it, so a resume takes the next one."""
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.num_workers, drop_last=True,
@@ -663,8 +657,8 @@ def make_batches(dataset, args, rank, world, device, data_state):
             for x, y in loader:
                 data_state["pos"] += 1
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        except RuntimeError as err:                          # raised in a worker (its last line says what), or
-            last = str(err).strip().splitlines()[-1]          # a worker was killed
+        except RuntimeError as err:                     # raised in a worker (its last line says what), or one died
+            last = str(err).strip().splitlines()[-1]
             hint = " (out of host memory? try a lower --num-workers)" if "exited unexpectedly" in last else ""
             raise SystemExit(f"data loading failed: {last}{hint}. Once fixed, continue with --resume {args.out} "
                              "(from its last checkpoint).") from None
@@ -677,12 +671,10 @@ def ignore_sigint(worker_id):
 
 
 def default_workers():
-    """Data loader processes per training process: the cores this process may use, shared by the processes torchrun
-    starts on this machine, one core left to each training process, at most 32. A worker decodes and crops one
-    image at a time: watch img_per_s in log.jsonl to see whether more are needed."""
+    """Loader processes per training process: this machine's cores over its torchrun processes, less one, <= 32.
+    Watch img_per_s in log.jsonl to see whether more are needed."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(32, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,8 +691,7 @@ class EMA:
     def __init__(self, model, decay, warmup=True):
         self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.src = list(model.parameters())
-        self.dst = list(self.model.parameters())
+        self.src, self.dst = list(model.parameters()), list(self.model.parameters())
 
     @torch.no_grad()
     def update(self, step):
@@ -760,9 +751,8 @@ def split_w13_adam_state(state_dict, model):
 
 
 def compile_and_wrap(raw, args, device, ddp=False):
-    """What actually runs the training forward: DDP for several GPUs, then torch.compile of the whole model.
-    Speed: compiling the whole model fuses the norms, modulations, RoPE and activations around the matmuls into a
-    few kernels, forward and backward; the model traces as one graph, with no graph break (tested)."""
+    """What runs the training forward: DDP over GPUs, then torch.compile of the whole model, which fuses the norms,
+    modulations, RoPE and activations around the matmuls; it traces as one graph (a test checks)."""
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     return torch.compile(model) if args.compile else model
 
@@ -787,7 +777,10 @@ def train_step(model, ema, opt, x, y, step, args, encoder=None):
             for k, v in dict(loss=loss.detach(), **parts).items():
                 terms[k] = terms.get(k, 0) + v / args.grad_accum
     except torch.OutOfMemoryError:
-        raise out_of_memory(x, args) from None
+        k = args.grad_accum * 2
+        raise SystemExit(f"out of GPU memory at {x.shape[0]} images per forward per GPU ({args.config}, "
+                         f"{args.img_size}px): add --grad-accum {k} (the same batch in {k} pieces), lower "
+                         "--batch-size, use more GPUs, or keep --precision bf16.") from None
     except NotImplementedError as err:                                    # an op the MPS backend lacks
         raise SystemExit(f"{x.device.type}: {str(err).splitlines()[0][:150]}; use --device cpu, or set "
                          "PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops on the CPU.") from None
@@ -804,22 +797,14 @@ def micro_batches(model, x, y, k):
             yield xk, yk
 
 
-def out_of_memory(x, args):
-    """The one line for a CUDA out-of-memory error, with a --grad-accum that halves the images per forward."""
-    k = args.grad_accum * 2
-    return SystemExit(f"out of GPU memory at {x.shape[0]} images per forward per GPU ({args.config}, {args.img_size}"
-                      f"px): add --grad-accum {k} (the same batch in {k} pieces), lower --batch-size, use more GPUs, "
-                      "or keep --precision bf16.")
-
-
 class LossLog:
-    """The loss terms of the last steps, summed on the device and read every --log-every steps: the only host sync
-    (a .item() per step would make the CPU wait for the GPU while the next step could be queued). Each reading is
-    a line of RUN/log.jsonl; a non-finite loss stops the run before anything is saved."""
+    """The run's record: loss terms summed on the device and read every --log-every steps, the only host sync (an
+    .item() per step would stall the GPU queue). Each reading is a line of RUN/log.jsonl; a non-finite one stops the
+    run before anything is saved. first, start: where and when this process started training."""
 
-    def __init__(self, path, args, world, rank):
-        self.path, self.args, self.world, self.rank = path, args, world, rank
-        self.sums, self.n, self.t0, self.last = {}, 0, time.time(), {}
+    def __init__(self, run, args, world, rank, step):
+        self.path, self.args, self.world, self.rank = run / "log.jsonl", args, world, rank
+        self.sums, self.n, self.t0, self.last, self.first, self.start = {}, 0, time.time(), {}, step, time.time()
 
     def add(self, terms):                                   # terms: train_step's dict of 0-dim tensors
         self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
@@ -846,34 +831,31 @@ def save_grid(images, path, nrow):
     """(n, 3, H, W) in [-1, 1] -> one PNG grid with a 2-pixel gap. uint8 = clip((x+1)*127.5+0.5)."""
     imgs = ((images.float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     n, H, W, _ = imgs.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
+    grid = np.full((math.ceil(n / nrow) * (H + 2) + 2, nrow * (W + 2) + 2, 3), 255, np.uint8)
     for i, img in enumerate(imgs):
         r, c = divmod(i, nrow)
         grid[2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = img
     Image.fromarray(grid).save(path)
 
 
-# ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
 def plot_loss(log, path, size=(720, 360)):
-    """RUN/loss.png from RUN/log.jsonl, drawn with Pillow: each loss term against the step on a log scale, every
-    reading thin and a smoothed line (a running mean of log-loss) thick, so progress is a glance, not JSON."""
+    """RUN/loss.png from RUN/log.jsonl, drawn with Pillow: each loss term against the step, log scale, every reading
+    thin and a running mean of log-loss thick. A term that is 0 throughout (REPA off) is left out."""
     rows = [json.loads(r) for r in log.read_text().splitlines() if r.endswith("}")] if log.exists() else []
-    terms = [k for k in (rows[0] if rows else {}) if k not in ("step", "lr", "img_per_s")]
-    curves = {k: [(r["step"], math.log10(r[k])) for r in rows if r.get(k, 0) > 0] for k in terms}
-    curves = {k: c for k, c in curves.items() if c}              # a term that is 0 throughout (REPA off) is left out
+    curves = {k: [(r["step"], math.log10(r[k])) for r in rows if r.get(k, 0) > 0]
+              for k in (rows[0] if rows else {}) if k not in ("step", "lr", "img_per_s")}
+    curves = {k: c for k, c in curves.items() if c}
     W, H, left, right, top, bottom = *size, 56, 80, 24, 36
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     draw.text((left, 6), f"{log.parent.name}: loss per reading (log scale) vs step", fill="black")
     if curves:
-        xs = [s for c in curves.values() for s, _ in c]
-        ys = [v for c in curves.values() for _, v in c]
+        xs, ys = [s for c in curves.values() for s, _ in c], [v for c in curves.values() for _, v in c]
         x0, x1 = min(xs), max(max(xs), min(xs) + 1)
         y0, y1 = math.floor(min(ys)), max(math.ceil(max(ys)), math.floor(min(ys)) + 1)   # whole decades
         X = lambda s: left + (s - x0) / (x1 - x0) * (W - left - right)          # noqa: E731
         Y = lambda v: H - bottom - (v - y0) / (y1 - y0) * (H - top - bottom)    # noqa: E731
-        for e in range(y0, y1 + 1):                                            # decade grid lines and labels
+        for e in range(y0, y1 + 1):
             draw.line([(left, Y(e)), (W - right, Y(e))], fill=(225, 225, 225))
             draw.text((4, Y(e) - 6), f"1e{e}", fill="black")
         for s in (x0, (x0 + x1) // 2, x1):
@@ -881,8 +863,7 @@ def plot_loss(log, path, size=(720, 360)):
         draw.rectangle([left, top, W - right, H - bottom], outline="black")
         colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
         for i, (k, c) in enumerate(curves.items()):
-            color = colors[i % len(colors)]
-            smooth, m = [], c[0][1]
+            color, smooth, m = colors[i % len(colors)], [], c[0][1]
             for s, v in c:
                 m = 0.7 * m + 0.3 * v
                 smooth.append((X(s), Y(m)))
@@ -893,8 +874,8 @@ def plot_loss(log, path, size=(720, 360)):
 
 
 def draw_grid(model, y, noise, step, args, run, bar):
-    """RUN/grid_STEP.png: the EMA model's samples with the paper's sampler, from fixed noise and labels (successive
-    grids compare; column c is class c), and RUN/loss.png redrawn beside it. A grid takes a minute on a CPU."""
+    """RUN/grid_STEP.png: the EMA model's samples with the paper's sampler from fixed noise and labels (column c is
+    class c, so successive grids compare), and RUN/loss.png redrawn. A grid takes a minute on a CPU."""
     t0, path = time.time(), run / f"grid_{step:07d}.png"
     bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
     save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)
@@ -902,43 +883,43 @@ def draw_grid(model, y, noise, step, args, run, bar):
     bar.write(f"step {step}: {path} and {run / 'loss.png'} ({time.time() - t0:.0f} s)")
 
 
-def finish(run, first, step, seconds, log, args):
-    """The end of a run: what it did, where its files are, and the command that samples it."""
-    grids, took = sorted(run.glob("grid_*.png")), f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-    print(f"done: {step - first} steps (to step {step}) in {took}, {(step - first) * args.batch_size / seconds:.0f} "
-          f"img/s, final loss {log.last.get('loss', float('nan')):.4f}\n"
-          f"  checkpoint  {run / 'ckpt.pt'}\n  last grid   {grids[-1] if grids else '(none)'}\n"
-          f"  loss curve  {run / 'loss.png'}\n  sample it   python sample.py {run} --grid {run / 'samples.png'}")
+def finish(run, log, step, stopping):
+    """The end of a run: the run folder is freed; a stopped run says how to continue, a finished one what it did,
+    where its files are and the command that samples it."""
+    args, seconds = log.args, time.time() - log.start
+    if log.rank == 0:
+        (run / "lock").unlink(missing_ok=True)
+    if stopping:
+        raise SystemExit(f"stopped at step {step}, saved {run}/ckpt.pt; continue with --resume {run}")
+    if log.rank == 0:
+        grids, took = sorted(run.glob("grid_*.png")), f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        print(f"done: {step - log.first} steps (to step {step}) in {took}, {(step - log.first) * args.batch_size / seconds:.0f}"
+              f" img/s, final loss {log.last.get('loss', float('nan')):.4f}\n  checkpoint  {run / 'ckpt.pt'}\n"
+              f"  last grid   {grids[-1] if grids else '(none)'}\n  loss curve  {run / 'loss.png'}\n"
+              f"  sample it   python sample.py {run} --grid {run / 'samples.png'}")
+    if log.world > 1:
+        dist.destroy_process_group()
+    return run
 
 
+# ---- Checkpoints: one layout in all four scripts; atomic; everything an exact resume needs ----
 def rng_state():
     return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, world, rank, keep=False):
-    """Every rank's RNG state is gathered (an exact resume needs them all); rank 0 writes the file to a temp file,
-    then os.replace: a kill mid-write never corrupts ckpt.pt. Weights or EMA that are not finite are never saved:
-    the run stops and the previous checkpoint stays. keep (--keep-every): also a snapshot ckpt_STEP.pt beside it,
-    weights and EMA only (no optimizer), for sample.py and --init-from (LTH14/JiT#42: sweep EMA and steps)."""
-    tensors = list(raw.state_dict().items()) + list(ema.model.state_dict().items())
-    finite = torch.stack([torch.isfinite(v).all() for _, v in tensors if v.is_floating_point()])
-    if not finite.all():                                            # one host sync per checkpoint
+    """RUN/ckpt.pt with everything an exact resume needs, every rank's RNG state included. Written to a temp file,
+    then os.replace: a kill mid-write never corrupts it. Non-finite weights are never saved: the run stops and the
+    last good file stays. keep (--keep-every): also ckpt_STEP.pt, weights and EMA only, for sample.py and
+    --init-from (LTH14/JiT#42: sweep EMA and steps)."""
+    tensors = list(raw.state_dict().values()) + list(ema.model.state_dict().values())
+    if not torch.stack([torch.isfinite(v).all() for v in tensors if v.is_floating_point()]).all():   # one sync
         raise SystemExit(f"the weights are not finite at step {step}: not saved. {path} holds the last good "
                          "checkpoint; resume from it with a lower --lr (or --precision fp32).")
-    rngs = [None] * world
+    rngs = [rng_state()] * world
     if world > 1:
         dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
     if rank == 0:
         ckpt = dict(script=SCRIPT, config=args.config, img_size=args.img_size, num_classes=num_classes,
                     model_kwargs=model_kwargs(args), model=raw.state_dict(), ema=ema.model.state_dict(),
@@ -956,8 +937,7 @@ def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, wo
 
 
 def find_checkpoint(path, flag="--resume"):
-    """--resume takes a run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently ignored
-    there and training restarted from scratch)."""
+    """A run folder (its ckpt.pt) or a checkpoint file (LTH14/JiT#66: a file was silently ignored there)."""
     path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise SystemExit(f"{flag}: no checkpoint at {path}. Pass a run folder containing ckpt.pt or a .pt file.")
@@ -965,8 +945,8 @@ def find_checkpoint(path, flag="--resume"):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict of a run folder or file; refuses one written by another script. With mmap, a tensor is
-    read only when used (get_args reads just the settings)."""
+    """The resumable checkpoint of a run folder or file, refusing another script's, a snapshot or a corrupt file.
+    mmap: a tensor is read only when used (resolve_args reads just the settings)."""
     path = find_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -984,9 +964,13 @@ def load_checkpoint(path):
 
 
 def restore(args, raw, ema, opt, num_classes, rank):
-    """Step 0 for a new run. On --resume every piece of state comes back: weights, EMA, Adam moments, the step,
-    this rank's RNG and the position in the epoch, so the resumed run continues exactly (a test checks it)."""
+    """(step, data position). A new run: 0, with --init-from's weights if given. --resume: every piece of state
+    comes back (weights, EMA, Adam moments, step, this rank's RNG, the position in the epoch), so the run continues
+    exactly as if never stopped (a test checks it); log lines written after that checkpoint are dropped."""
     if args.resume is None:
+        if args.init_from:
+            init_from(args, raw, ema, opt, num_classes)
+            ema.warmup = False                          # continue the loaded EMA at its decay
         return 0, {"epoch": 0, "pos": 0}
     ckpt = load_checkpoint(args.resume)
     if ckpt["num_classes"] != num_classes:
@@ -995,21 +979,24 @@ def restore(args, raw, ema, opt, num_classes, rank):
     raw.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["opt"])
-    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    ema.warmup = not args.init_from
+    rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     log = Path(args.out) / "log.jsonl"
-    if rank == 0 and log.exists():                      # what a killed run logged after its last checkpoint
-        rows = [r for r in log.read_text().splitlines()          # (a line cut off by a kill lacks its "}")
-                if r.endswith("}") and json.loads(r)["step"] <= ckpt["step"]]
-        log.write_text("".join(r + "\n" for r in rows))
+    if rank == 0 and log.exists():                      # keep what was logged up to the checkpoint (a line cut off
+        rows = [r for r in log.read_text().splitlines() if r.endswith("}") and json.loads(r)["step"] <= ckpt["step"]]
+        log.write_text("".join(r + "\n" for r in rows))    # by a kill lacks its "}")
     return ckpt["step"], dict(ckpt["data"])
 
 
 def init_from(args, raw, ema, opt, num_classes):
-    """--init-from FILE: a NEW run (step 0, data from the start) from another pixnerd.py run (its ckpt.pt: weights, EMA
-    and Adam moments; a ckpt_STEP.pt snapshot: weights and EMA) or from the authors' checkpoint (from_official:
-    its EMA weights start both). At another class count the label table keeps its fresh init, with a warning
-    (fine-tuning on your own classes); the REPA projector comes from a run that has one, else it keeps its fresh
-    init. Everything else must fit this config (load_weights)."""
+    """--init-from FILE: a new run from another run's weights: its ckpt.pt (weights, EMA, Adam moments), a snapshot
+    (weights, EMA) or the authors' checkpoint (from_official: its EMA starts both). At another class count the label
+    table keeps its fresh init, with a warning; the REPA projector comes from a run that has one, else starts fresh."""
     path = find_checkpoint(args.init_from, "--init-from")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -1027,22 +1014,19 @@ def init_from(args, raw, ema, opt, num_classes):
         warnings.warn(f"--init-from: {path} has {weights[LABEL_TABLE].shape[0] - 1} classes, this data "
                       f"{num_classes}: the label table starts from scratch, the rest from the file.")
         fresh[LABEL_TABLE] = mine[LABEL_TABLE]
-    if fresh or set(weights) != set(mine):              # Adam's moments fit only the very same parameters
-        adam = None
     for state, model in ((weights, raw), (averaged, ema.model)):
         state = {k: v for k, v in state.items() if k in mine or not k.startswith("repa_proj.")}   # no --repa here
         load_weights(model, {**state, **fresh}, path, args.config)
-    if adam is not None:
+    if adam is not None and not fresh and set(weights) == set(mine):   # Adam's moments fit only the same parameters
         opt.load_state_dict(adam)
 
 
 def load_weights(model, state, source, config):
-    """model.load_state_dict(state) with strict=True, but a file that does not fit the model ends in one line
-    naming the first missing, unexpected or mis-shaped key and the config it was compared with."""
+    """model.load_state_dict(state), strict, but a misfit is one line naming the first missing, unexpected or
+    mis-shaped key and the config."""
     have = model.state_dict()
-    problems = [("missing", [k for k in have if k not in state]), ("unexpected", [k for k in state if k not in have]),
-                ("mis-shaped", [k for k in have if k in state and state[k].shape != have[k].shape])]
-    for what, keys in problems:
+    for what, keys in [("missing", [k for k in have if k not in state]), ("unexpected", [k for k in state if k not in
+                       have]), ("mis-shaped", [k for k in have if k in state and state[k].shape != have[k].shape])]:
         if keys:
             shapes = f" {tuple(state[keys[0]].shape)}, {config} has {tuple(have[keys[0]].shape)}" \
                 if what == "mis-shaped" else ""
@@ -1051,22 +1035,24 @@ def load_weights(model, state, source, config):
     model.load_state_dict(state)
 
 
-def lock_run(run):
-    """One training process per run folder: RUN/lock holds the host and PID of the run using it; a second run into
-    the folder (a fresh start, or a --resume while it trains) stops with a message. A lock whose process is gone
-    (killed, or stopped on an error, on this host) is taken over; main() removes it when the run ends."""
-    lock = run / "lock"
+def lock_run(run, resume):
+    """Make the run folder and own it: a folder with another run's ckpt.pt needs --resume, and RUN/lock holds the
+    host and PID of its run: a second run into the folder stops with a message. A lock whose process is gone (on
+    this host) is taken over; finish() removes it."""
+    if (run / "ckpt.pt").exists() and Path(resume or run).resolve() != (run / "ckpt.pt").resolve():
+        raise SystemExit(f"{run}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
+    run.mkdir(parents=True, exist_ok=True)
     while True:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(run / "lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            host, _, pid = lock.read_text().partition(":")
+            host, _, pid = (run / "lock").read_text().partition(":")
             if host == socket.gethostname() and pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
-                lock.unlink(missing_ok=True)            # a stale lock, or our own from an earlier main() call
+                (run / "lock").unlink(missing_ok=True)  # a stale lock, or our own from an earlier main() call
                 continue
             raise SystemExit(f"{run} is in use by process {pid or '?'} on {host or '?'}: wait for it to finish or "
-                             f"use another --out (if that run is gone, delete {lock}).")
+                             f"use another --out (if that run is gone, delete {run / 'lock'}).")
     os.write(fd, f"{socket.gethostname()}:{os.getpid()}".encode())
     os.close(fd)
 
@@ -1076,14 +1062,14 @@ def alive(pid):
         os.kill(pid, 0)                                 # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:                             # it exists, as another user's
+        pass
     return True
 
 
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then one process per GPU (DDP; gloo on CPUs). Plain
-    `python pixnerd.py`: one process on --device. Returns (rank, world_size, device)."""
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (DDP; gloo on
+    CPUs). Plain `python pixnerd.py`: one process on --device."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     have = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
@@ -1099,10 +1085,34 @@ def setup_distributed(args):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if "RANK" in os.environ else device.index or 0)
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
+
+class StopSignals:
+    """Inside `with`: Ctrl-C (SIGINT) and SIGTERM (as schedulers send) are recorded instead of ending the process
+    mid-step; main() then saves and stops. The caller's handlers come back at the end."""
+
+    def __enter__(self):
+        self.seen = []
+        self.before = {s: signal.signal(s, lambda signum, frame: self.seen.append(signum))
+                       for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+    def requested(self, step, args, world, device):
+        """Stop after this step? Under torchrun the ranks agree at log steps (one all_reduce): all stop together."""
+        if world == 1:
+            return bool(self.seen)
+        if step % args.log_every:
+            return False
+        flag = torch.tensor(float(bool(self.seen)), device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1135,13 +1145,6 @@ MACHINE = ("out", "resume", "device", "compile", "precision", "num_workers",   #
 SAME_RUN = ("config", "img_size", "repa")  # a resumed run cannot change these
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_args(argv=None):
     """The run's settings. Each value comes from the command line, else the resumed checkpoint, else the --data
     preset (DATA_PRESETS), else the defaults below: `--resume RUN` alone continues RUN exactly as it was."""
@@ -1160,37 +1163,50 @@ def get_args(argv=None):
     g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper: 0.5)")
     g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (default: GitHub)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the GPUs")
-    g.add_argument("--steps", type=int, default=10_000, help="total optimisation steps")
     g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (paper: 1e-4)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (paper: 0.9999), reached after a warmup")
+    g = p.add_argument_group("sample grids")
+    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.5)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
+    return resolve_args(add_run_flags(p), argv)
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_run_flags(p):
+    """The flags every script has, in the same words: the batch and the length of the run, its folder and files,
+    and the machine."""
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the GPUs")
+    g.add_argument("--steps", type=int, default=10_000, help="total optimisation steps")
     g.add_argument("--grad-accum", type=int, default=1, help="split each step's batch into K micro-batches: the "
                    "same update in 1/K of the memory (DDP syncs once per step)")
-    g.add_argument("--init-from", help="start a NEW run from another pixnerd.py run's weights (RUN, ckpt.pt, a "
-                   "ckpt_STEP.pt snapshot) or an official PixNerd .ckpt")
-    g = p.add_argument_group("run folder, logging, sampling")
-    g.add_argument("--out", help="run folder (default: runs/pixnerd-DATA; with --resume, the resumed run's)")
+    g.add_argument("--init-from", help=f"start a NEW run from another {SCRIPT}.py run's weights (RUN, ckpt.pt, a "
+                   "ckpt_STEP.pt snapshot) or from the authors' checkpoint (README)")
+    g.add_argument("--out", help=f"run folder (default: runs/{SCRIPT}-DATA; with --resume, the resumed run's)")
     g.add_argument("--resume", nargs="?", const="", help="continue a run: its folder or ckpt file (alone: --out)")
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     g.add_argument("--keep-every", type=int, default=0, help="also keep a weights-only snapshot ckpt_STEP.pt every N "
                    "steps, for sample.py (0: none)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
     g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
-    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.5)")
-    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
     g = p.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
     g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
     g.add_argument("--num-workers", type=int, default=default_workers(), help="data loader processes per GPU")
     g.add_argument("--seed", type=int, default=0, help="global seed")
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available; torchrun: local rank)")
-    return resolve_args(p, argv)
+    return p
 
 
 def resolve_args(p, argv):
-    """Parse argv with p's defaults overridden, in this order, by the --data preset, then the resumed checkpoint's
-    settings (flags still win). Then the derived values: the checkpoint path, the run folder, and compile + bf16
-    by default on CUDA. A resumed run refuses flags that would make it another run (SAME_RUN)."""
+    """Parse argv with p's defaults overridden, in this order, by the --data preset (or, with no GPU, the laptop
+    one), then the resumed checkpoint's settings (flags still win). Then the derived values and the checks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     known = lambda: p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]  # noqa: E731
     p.set_defaults(config=None, img_size=None)                   # None: not given (every preset sets both)
@@ -1198,38 +1214,56 @@ def resolve_args(p, argv):
     if first.resume is not None:
         first.resume = str(find_checkpoint(first.resume or first.out or f"runs/{SCRIPT}-{Path(first.data).name}"))
         ckpt = load_checkpoint(first.resume)
-        saved = {k: v for k, v in ckpt["args"].items() if k in vars(first) and k not in MACHINE}
-        done = ckpt["step"]
+        saved, done = {k: v for k, v in ckpt["args"].items() if k in vars(first) and k not in MACHINE}, ckpt["step"]
         p.set_defaults(**saved)                                  # so that the preset is the run's --data's
-    # No GPU, --data shapes, no --config / --img-size: the laptop preset, a result in minutes (README "No GPU?").
-    laptop = not (first.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") and \
-        first.resume is None and first.data == "shapes" and first.config is None and first.img_size is None
+    cuda = (first.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    laptop = not cuda and first.resume is None and first.data == "shapes" and first.config is None and \
+        first.img_size is None                                   # no GPU: a result in minutes (README "No GPU?")
     p.set_defaults(**{**(LAPTOP_PRESET if laptop else DATA_PRESETS.get(Path(known().data).name, FOLDER_DEFAULTS)),
                       **saved})
     args = p.parse_args(argv)                                    # --help prints here, with these defaults
-    args.laptop = laptop
+    args.laptop, args.resume = laptop, first.resume
     if args.config not in CONFIGS:
         raise SystemExit(f"unknown --config {args.config!r}; choose one of: {', '.join(CONFIGS)}")
     for key in SAME_RUN:
         if key in saved and getattr(args, key) != saved[key]:
             raise SystemExit(f"--resume: the checkpoint has {key}={saved[key]!r} but this run asks for "
                              f"{getattr(args, key)!r}; drop that flag to continue the run, or use another --out.")
-    args.resume = first.resume
-    args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
-    check_numbers(args)
     if args.steps < done:
         raise SystemExit(f"--steps {args.steps}: {args.resume} is already at step {done}; pass a larger --steps.")
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.out = args.out or (str(Path(args.resume).parent) if args.resume else f"runs/{SCRIPT}-{Path(args.data).name}")
     args.compile = cuda if args.compile is None else args.compile       # compile and bf16 by default on GPUs
     args.precision = args.precision or ("bf16" if cuda else "fp32")
+    check_numbers(args)
     return args
 
 
+def check_numbers(args):
+    """Values that cannot work stop the run at start, with the flag, its value and the rule (presets and a resumed
+    run's settings included). Also: a run folder that holds another run, and a missing --init-from file."""
+    for key in ("img_size", "batch_size", "steps", "ckpt_every", "sample_every", "log_every", "grad_accum"):
+        if getattr(args, key) <= 0:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: must be a positive whole number.")
+    for key in ("lr", "blr"):
+        if getattr(args, key, None) is not None and not getattr(args, key) > 0:        # NaN fails this too
+            raise SystemExit(f"--{key} {getattr(args, key)}: the learning rate must be a positive number.")
+    if not 0 <= args.ema < 1:
+        raise SystemExit(f"--ema {args.ema}: the EMA decay must be in [0, 1).")
+    for key in ("keep_every", "num_workers"):
+        if getattr(args, key) < 0:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: must be 0 (none) or more.")
+    if args.batch_size % (int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum):
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {os.environ.get('WORLD_SIZE', 1)} "
+                         f"processes x --grad-accum {args.grad_accum}; use a multiple.")
+    if args.init_from and args.resume is None:          # a missing file stops the run before its folder is made
+        find_checkpoint(args.init_from, "--init-from")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out}: that is a file; give a folder for the run.")
+
+
 def repa_encoder(args, device, world):
-    """The frozen REPA target (load_dinov2) with --repa, else None; under torchrun one process per machine fills
-    the torch.hub cache before the others read it."""
-    if not args.repa:
-        return None
+    """The frozen REPA target (load_dinov2); under torchrun one process per machine fills the torch.hub cache
+    before the others read it."""
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if world > 1 and not first:
         dist.barrier()
@@ -1239,67 +1273,12 @@ def repa_encoder(args, device, world):
     return encoder
 
 
-class StopSignals:
-    """Inside `with`: Ctrl-C (SIGINT) and SIGTERM (as schedulers send) are recorded in .seen instead of ending the
-    process mid-step; main() then saves and stops. The caller's handlers come back at the end."""
-
-    def __enter__(self):
-        self.seen = []
-        self.before = {s: signal.signal(s, lambda signum, frame: self.seen.append(signum))
-                       for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.before.items():
-            signal.signal(s, handler)
-
-
-def stop_requested(stop, step, args, world, device):
-    """Whether to stop after this step: a signal was seen (one process), or seen by any rank at a log step, when
-    all ranks agree through one all_reduce, so that they stop at the same step (torchrun)."""
-    if world == 1:
-        return bool(stop)
-    if step % args.log_every:
-        return False
-    flag = torch.tensor(float(bool(stop)), device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
-def check_numbers(args):
-    """Values that cannot work stop the run at start, with the flag, its value and the rule. Checked after the
-    presets and a resumed run's settings are merged, so those are checked too."""
-    for key in ("img_size", "batch_size", "steps", "ckpt_every", "sample_every", "log_every"):
-        if getattr(args, key) <= 0:
-            raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: must be a positive whole number.")
-    for key in ("lr", "blr"):
-        if getattr(args, key, None) is not None and not getattr(args, key) > 0:        # NaN fails this too
-            raise SystemExit(f"--{key} {getattr(args, key)}: the learning rate must be a positive number.")
-    if not 0 <= args.ema < 1:
-        raise SystemExit(f"--ema {args.ema}: the EMA decay must be in [0, 1).")
-    if args.grad_accum < 1 or args.keep_every < 0:
-        raise SystemExit(f"--grad-accum {args.grad_accum} --keep-every {args.keep_every}: --grad-accum must be 1 or "
-                         "more, --keep-every 0 (no snapshots) or more.")
-    if args.num_workers < 0:
-        raise SystemExit(f"--num-workers {args.num_workers}: must be 0 (load in this process) or more.")
-    if args.init_from and args.resume is None:          # a missing file stops the run before its folder is made
-        find_checkpoint(args.init_from, "--init-from")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise SystemExit(f"--out {args.out}: that is a file; give a folder for the run.")
-
-
 def main(argv=None, encoder=None):
     """Train. `encoder` replaces DINOv2 as the REPA target with --repa (a callable, as load_dinov2's): tests."""
     args = get_args(argv)
-    if (Path(args.out) / "ckpt.pt").exists() and Path(args.resume or args.out).resolve() != \
-            (Path(args.out) / "ckpt.pt").resolve():
-        raise SystemExit(f"{args.out}/ckpt.pt exists: pass --resume to continue that run, or choose another --out.")
 
     # Setup processes and devices: one process per GPU under torchrun, else one process on --device.
     rank, world, device = setup_distributed(args)
-    if args.batch_size % (world * args.grad_accum):
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world} processes x --grad-accum "
-                         f"{args.grad_accum}; use a multiple.")
     if rank == 0 and args.laptop:
         print(f"no GPU: the laptop preset ({args.config}, {args.img_size}px, {args.steps} steps); --config "
               f"{DATA_PRESETS['shapes']['config']} --img-size {DATA_PRESETS['shapes']['img_size']} gives the GPU one.")
@@ -1316,18 +1295,13 @@ def main(argv=None, encoder=None):
     num_classes = len(dataset.classes)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-
     run = Path(args.out)
     if rank == 0:                                       # from here on, this process owns the run folder
-        run.mkdir(parents=True, exist_ok=True)
-        lock_run(run)
+        lock_run(run, args.resume)
 
-    # Setup model, EMA, optimizer, and on --resume all of their state.
+    # Setup model, EMA, optimizer, and on --resume (or --init-from) their state.
     raw, ema, opt = build(args, num_classes, device)
     step, data_state = restore(args, raw, ema, opt, num_classes, rank)
-    if args.init_from and args.resume is None:
-        init_from(args, raw, ema, opt, num_classes)
-    ema.warmup = not args.init_from                     # a run started --init-from continues that EMA at its decay
     model = compile_and_wrap(raw, args, device, ddp=world > 1)
     batches = make_batches(dataset, args, rank, world, device, data_state)
     if rank == 0:
@@ -1339,7 +1313,7 @@ def main(argv=None, encoder=None):
     grid_noise, grid_y = torch.randn(64, 3, args.img_size, args.img_size, generator=gen), torch.arange(64) % num_classes
 
     # Training loop.
-    log, stopping, first, t0 = LossLog(run / "log.jsonl", args, world, rank), False, step, time.time()
+    log, stopping = LossLog(run, args, world, rank, step), False
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"{SCRIPT} {args.config}", dynamic_ncols=True)
     with StopSignals() as stop:                         # Ctrl-C, SIGTERM: the step finishes, the run saves, stops
         while step < args.steps and not stopping:
@@ -1347,25 +1321,17 @@ def main(argv=None, encoder=None):
             step += 1
             log.add(train_step(model, ema, opt, x, y, step, args, encoder))
             bar.update(1)
-            stopping = stop_requested(stop.seen, step, args, world, device)
+            stopping = stop.requested(step, args, world, device)
             keep = args.keep_every > 0 and step % args.keep_every == 0
             save = keep or step % args.ckpt_every == 0 or step == args.steps or stopping
-            if step % args.log_every == 0 or save or step - first in (1, 10):   # a first reading within seconds
+            if step % args.log_every == 0 or save or step - log.first in (1, 10):   # a first reading in seconds
                 log.write(step, bar)                    # before any save: a NaN run stops, never checkpointed
             if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
                 draw_grid(ema.model, grid_y, grid_noise, step, args, run, bar)
             if save:
                 save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank, keep)
     bar.close()
-    if rank == 0:
-        (run / "lock").unlink(missing_ok=True)          # the run folder is free again
-    if stopping:
-        raise SystemExit(f"stopped at step {step}, saved {run}/ckpt.pt; continue with --resume {run}")
-    if rank == 0:
-        finish(run, first, step, time.time() - t0, log, args)
-    if world > 1:
-        dist.destroy_process_group()
-    return run
+    return finish(run, log, step, stopping)
 
 
 # ---------------------------------------------------------------------------------------------------------------

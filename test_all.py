@@ -75,10 +75,10 @@ def code_of(mod, name):
 SHARED = {
     "all four": (PAPERS, ["RMSNorm", "modulate", "TimestepEmbedder", "_bcast", "center_crop_arr", "ImageFolder",
                           "make_dataset", "ResumableSampler", "make_batches", "default_workers", "EMA", "unwrap",
-                          "compile_and_wrap", "LossLog", "save_grid", "rng_state", "set_rng_state", "save_checkpoint",
+                          "compile_and_wrap", "LossLog", "save_grid", "rng_state", "save_checkpoint",
                           "find_checkpoint", "load_checkpoint", "restore", "setup_distributed", "Help",
                           "resolve_args", "Shapes", "open_rgb", "ignore_sigint", "lock_run", "alive",
-                          "stop_requested", "StopSignals", "check_numbers", "micro_batches", "out_of_memory",
+                          "StopSignals", "add_run_flags", "check_numbers", "micro_batches",
                           "plot_loss", "draw_grid", "finish", "load_weights"]),
     "the v-predicting three": ([pixeldit, pixnerd, deco], ["rope_2d", "apply_rope", "Attention", "SwiGLU.__init__",
                                                            "SwiGLU.forward", "x_to_v", "v_to_x", "velocity",
