@@ -956,15 +956,15 @@ def draw_grid(model, y, noise, step, args, run, bar):
 def finish(run, log, step, stopping):
     """The end of a run: the run folder is freed; a stopped run says how to continue, a finished one what it did,
     where its files are and the command that samples it."""
-    args, seconds = log.args, time.time() - log.start
     if log.rank == 0:
         (run / "lock").unlink(missing_ok=True)
     if stopping:
         raise SystemExit(f"stopped at step {step}, saved {run}/ckpt.pt; continue with --resume {run}")
     if log.rank == 0:
-        grids, took = sorted(run.glob("grid_*.png")), f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-        print(f"done: {step - log.first} steps (to step {step}) in {took}, {(step - log.first) * args.batch_size / seconds:.0f}"
-              f" img/s, final loss {log.last.get('loss', float('nan')):.4f}\n  checkpoint  {run / 'ckpt.pt'}\n"
+        n, seconds, grids = step - log.first, time.time() - log.start, sorted(run.glob("grid_*.png"))
+        took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        print(f"done: {n} steps (to step {step}) in {took}, {n * log.args.batch_size / seconds:.0f} img/s, final "
+              f"loss {log.last.get('loss', float('nan')):.4f}\n  checkpoint  {run / 'ckpt.pt'}\n"
               f"  last grid   {grids[-1] if grids else '(none)'}\n  loss curve  {run / 'loss.png'}\n"
               f"  sample it   python sample.py {run} --grid {run / 'samples.png'}")
     if log.world > 1:
