@@ -1,7 +1,7 @@
 """
 PixelDiT: "PixelDiT: Pixel Diffusion Transformers for Image Generation" (Yu et al., NVIDIA, arXiv 2511.20645)
 
-A diffusion transformer on raw pixels, no autoencoder, in two levels (the paper's "dual-level" design):
+A diffusion transformer on raw pixels, no autoencoder, in two levels (the paper's "dual-level design", abstract):
   1. a PATCH-level DiT on 16x16 patches models the global layout (one token per patch, as a latent DiT would);
   2. a shallow PIXEL-level transformer (PiT blocks, a 16-dim token for EVERY pixel) refines the texture.
 The PiT block joins them: "pixel-wise AdaLN" expands each patch token into p*p distinct shift/scale/gate sets (one
@@ -16,13 +16,18 @@ Shapes: B batch, C=3, H=W image, p patch, h=w=H/p patch grid, L=h*w patches (pat
     python pixeldit.py                                   # built-in "shapes" data: PixelDiT-S/8 (no GPU: PixelDiT-T)
     python pixeldit.py --data ffhq128                    # FFHQ 128x128, PixelDiT-B/16 (README: download, defaults)
     python pixeldit.py --data ffhq128 --repa             # + REPA alignment to DINOv2 (downloads it via torch.hub)
-    torchrun --nproc_per_node=8 pixeldit.py --data imagenet       # the paper's ImageNet-256 run: XL/16 + REPA
+    torchrun --nproc_per_node=8 pixeldit.py --data imagenet       # ImageNet-256, official pix256_xl.yaml: XL/16, REPA
     python sample.py runs/pixeldit-shapes --grid grid.png          # sample a checkpoint (sample.py)
 
-Official code: NVlabs/PixelDiT (PyTorch Lightning); model in pixdit_core/pixeldit_c2i.py and modules.py, objective
-and sampler in c2i/src/diffusion.py. Our parameter names follow pixdit_core/pixeldit_c2i.py, so a released
-checkpoint's "ema_denoiser." weights load into create_model(...) after stripping that prefix.
+Official code: NVlabs/PixelDiT (PyTorch Lightning), as in gcy-hub/PixelDiT commit d433a79 ("forked from PixelDiT");
+model in pixdit_core/pixeldit_c2i.py and modules.py, objective and sampler in c2i/src/diffusion.py, training
+settings in c2i/configs/pix256_xl.yaml (pix512_xl.yaml at 512px), evaluation settings in c2i/README.md. Our
+parameter names follow pixdit_core/pixeldit_c2i.py, so a released checkpoint's "ema_denoiser." weights load into
+create_model(...) after stripping that prefix.
 Differences from the official code: grep "DIFF:".
+Citations: "official FILE: key" is a file and key of that code. The paper is cited by the names it gives its parts
+and by its table and figure captions, not by section, table or figure numbers (they differ between its arXiv v1
+and v2); words quoted from its abstract are from arXiv v1.
 """
 
 import argparse
@@ -51,12 +56,12 @@ from tqdm import tqdm
 SCRIPT = "pixeldit"  # written into every checkpoint; sample.py dispatches on it
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 1. Configs (the paper's model table; official c2i/configs/pix256_xl.yaml) ----
+# ---- 1. Configs (the paper's table of its B, L and XL models; official c2i/configs/pix256_xl.yaml: XL) ----
 # ---------------------------------------------------------------------------------------------------------------
 # depth: patch-level DiT blocks (N). pixel_depth: PiT blocks (M). width: patch-level D. heads: attention heads of
 # both levels (the pixel level attends over compacted tokens of width D). pixel_dim: per-pixel token width c.
-# patch: p. repa_layer: the patch block whose output REPA aligns to DINOv2 (official align_layer=8, 1-indexed).
-# Parameter counts are for 1000 classes at 256px and match the paper to < 0.5% (a test checks).
+# patch: p. repa_layer: the patch block whose output REPA aligns to DINOv2 (official align_layer: 8, 1-indexed).
+# Parameter counts are for 1000 classes at 256px and match that table's to < 0.5% (a test checks).
 CONFIGS = {
     "PixelDiT-B/16": dict(depth=12, pixel_depth=2, width=768, heads=12, pixel_dim=16, patch=16, repa_layer=8),  # 184M
     "PixelDiT-L/16": dict(depth=22, pixel_depth=4, width=1024, heads=16, pixel_dim=16, patch=16, repa_layer=8),  # 569M
@@ -75,21 +80,23 @@ CONFIGS = {
 # ---------------------------------------------------------------------------------------------------------------
 # The pixel level keeps one c-dim token per pixel, grouped by patch: x is (B, L, P, c), token [b, l, i*p + j] is
 # pixel (i, j) of patch l. Its only view of the class and the global layout is s_cond (B, L, D), one vector per
-# patch, computed by the patch-level DiT (PixelDiT.forward). A PiT block does, per pixel:
+# patch, computed by the patch-level DiT (PixelDiT.forward). A PiT block (the right half of the paper's figure
+# "Overview of PixelDiT: a dual-level, fully transformer-based diffusion architecture ...") does, per pixel:
 #
 #     shift1, scale1, gate1, shift2, scale2, gate2 = Linear(D -> 6*P*c)(s_cond)    # (B, L, P, c) each
 #     x = x + gate1 * Expand(Attn(Compress(RMSNorm(x) * (1 + scale1) + shift1)))   # token compaction
 #     x = x + gate2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)                      # per-pixel MLP
 #
-# Pixel-wise AdaLN (the paper's "pixel-wise AdaLN modulation"): DiT's AdaLN gives ALL tokens of an image one
-# (shift, scale, gate); a patch-wise AdaLN would give all P pixels of a patch one set. Here each pixel gets its OWN
-# c-vector of each, so the patch level can paint detail inside its patch (paper ablation, XL at 80 epochs:
-# patch-wise 3.50 -> pixel-wise 2.36 gFID).
+# Pixel-wise AdaLN (the paper's "pixel-wise AdaLN modulation", design C of its schematic of the designs A-C):
+# DiT's AdaLN gives ALL tokens of an image one (shift, scale, gate); a patch-wise AdaLN would give all P pixels of a
+# patch one set. Here each pixel gets its OWN c-vector of each, so the patch level can paint detail inside its patch
+# (the paper's ablation table "Ablations of PixelDiT-XL on ImageNet 256x256", at 80 epochs: patch-wise 3.50 ->
+# pixel-wise 2.36 gFID).
 # Pixel token compaction (the paper's term): attention over all H*W pixel tokens costs O((H*W)^2) (65,536 tokens
-# at 256px: the paper's ablation without compaction runs out of memory). Compress flattens the P modulated pixel
-# tokens of a patch (P*c = 4096 for p=16, c=16) and maps them by a Linear to ONE token of width D; attention then
-# mixes the L patch tokens (256 at 256px) with the patch level's qk-norm and RoPE; Expand maps each result back to
-# P*c, one c-vector per pixel.
+# at 256px: in that ablation table the dual-level model without compaction is "OOM"). Compress flattens the P
+# modulated pixel tokens of a patch (P*c = 4096 for p=16, c=16) and maps them by a Linear to ONE token of width D;
+# attention then mixes the L patch tokens (256 at 256px) with the patch level's qk-norm and RoPE; Expand maps each
+# result back to P*c, one c-vector per pixel.
 
 
 class PiTBlock(nn.Module):
@@ -216,8 +223,8 @@ class PixelDiT(nn.Module):
         self.config, self.img_size, self.num_classes = config, img_size, num_classes
         self.patch, self.repa_layer, self.post_modulation, self.repa_dim = patch, repa_layer, post_modulation, repa_dim
         h = img_size // patch                                              # patch grid side
-        # ---- patch level. No absolute position embedding: positions enter only through RoPE (paper ablation:
-        # RoPE and RMSNorm take the vanilla pixel DiT/16 from 9.84 to 8.53 gFID).
+        # ---- patch level. No absolute position embedding: positions enter only through RoPE (the paper's
+        # ablation table, named above PiTBlock: RoPE and RMSNorm take its "Vanilla DiT/16" from 9.84 to 8.53 gFID).
         self.s_embedder = PatchEmbedder(patch, width)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
@@ -299,8 +306,9 @@ class PatchBlock(nn.Module):
 
 
 def default_shift(img_size):
-    """Paper, implementation details: the logit-normal t is shifted by s = 1 at 256px and s = 3 at 512px (more
-    pixels need more noise to hide the signal). We use 1 below 512 (our 64/128px data included) and 3 from 512 on."""
+    """Official configs: the logit-normal t is shifted by s = 1 at 256px and s = 3 at 512px (REPATrainer timeshift:
+    1.0 in c2i/configs/pix256_xl.yaml, 3.0 in pix512_xl.yaml; more pixels need more noise to hide the signal). We
+    use 1 below 512 (our 64/128px data included) and 3 from 512 on."""
     return 3.0 if img_size >= 512 else 1.0
 
 
@@ -360,8 +368,9 @@ def flow_loss(model, x, y, num_classes, shift=1.0, encoder=None, repa_weight=REP
     if encoder is None:
         v, repa = model(z, t, y), torch.zeros((), device=x.device)
     else:
-        # REPA (Yu et al. 2024, "Representation Alignment", used by the paper): align the patch-level feature of
-        # the NOISY input to the frozen encoder's feature of the CLEAN image, token by token, by cosine similarity.
+        # REPA (Yu et al. 2024, "Representation Alignment"; in the paper's objective, official REPATrainer): align
+        # the patch-level feature of the NOISY input to the frozen encoder's feature of the CLEAN image, token by
+        # token, by cosine similarity.
         v, h = model(z, t, y, return_repa=True)                        # (B, 3, H, W), (B, L, 768)
         with torch.no_grad():
             target = encoder((x + 1) / 2)                              # (B, L, 768): [0, 1] input, no grad
@@ -383,7 +392,7 @@ def load_dinov2(device, patch, path=None):
     clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache). Any
     callable with this contract can stand in for it (the tests use a tiny one).
     DIFF: the official wrapper resizes to 14 * H/16 whatever the patch size and average-pools the student's
-    feature grid to the teacher's; we resize to 14 * H/p: identical at p = 16 (every paper config), and
+    feature grid to the teacher's; we resize to 14 * H/p: identical at p = 16 (every config of the paper's table), and
     token-aligned without pooling for our configs with other patch sizes.
     DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only)."""
     if path and not Path(path, "hubconf.py").is_file():
@@ -412,12 +421,13 @@ def load_dinov2(device, patch, path=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 5. Sampler (official FlowDPMSolverSampler: 2nd-order Adams-Bashforth; c2i/README "Sampler Settings") ----
+# ---- 5. Sampler (official FlowDPMSolverSampler: 2nd-order Adams-Bashforth; settings: c2i/README.md) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def sampler_defaults(config, img_size):
-    """The official evaluation settings (c2i/README): Adams-Bashforth 2, 100 steps, CFG inside (0.1, 1.0).
+    """The official evaluation settings (c2i/README.md, "Sampler Settings Summary"): Adams-Bashforth 2 (its
+    FlowDPMSolver), 100 steps, CFG inside (0.1, 1.0).
     256px: CFG 3.25, shift 1 (80/160-epoch checkpoints; the 320-epoch one uses 2.75 on (0.1, 0.9)).
     512px: CFG 3.5, shift 2.0 (training used 3). Published for XL only; we use them for every size."""
     if img_size >= 512:
@@ -467,8 +477,8 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
                DIFF: the official HeunSampler (default exact_henu=False) reuses the corrector's velocity as the next
                step's start (1 call per step after the first); ours is the textbook Heun (as in jit.py).
     Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and clamps when
-    converting to uint8: the same PNGs). None arguments take the paper's defaults (sampler_defaults); `noise`
-    (B,3,H,W) overrides the starting noise."""
+    converting to uint8: the same PNGs). None arguments take the official evaluation settings (sampler_defaults);
+    `noise` (B,3,H,W) overrides the starting noise."""
     d = sampler_defaults(model.config, model.img_size)
     steps = steps or d["steps"]
     cfg = d["cfg"] if cfg is None else cfg
@@ -772,13 +782,14 @@ def default_workers():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Training (paper, implementation details; official c2i/configs/pix256_xl.yaml, c2i/src/lightning.py) ----
+# ---- 8. Training (official c2i/configs/pix256_xl.yaml, c2i/src/lightning.py; lr drop: the paper's ImageNet setup) ----
 # ---------------------------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving average of the weights, one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed 0.9999 from step 0; we warm it up, decay_k = min(decay, (1+k)/(10+k))
-    (TensorFlow's num_updates rule): the paper's 0.9999 after ~90k of its 1.6M steps, while a user's 10k-step run
-    gets grids of its weights, not of the random init. warmup=False: the fixed decay (an EMA loaded by --init-from)."""
+    (TensorFlow's num_updates rule): the official 0.9999 (pix256_xl.yaml ema_tracker decay) after ~90k of its 1.6M
+    steps (max_steps), while a user's 10k-step run gets grids of its weights, not of the random init.
+    warmup=False: the fixed decay (an EMA loaded by --init-from)."""
 
     def __init__(self, model, decay, warmup=True):
         self.decay, self.warmup = decay, warmup
@@ -798,8 +809,9 @@ def unwrap(model):
 
 
 def lr_at(step, args):
-    """Paper, implementation details: a constant lr (1e-4, no warmup), divided by 10 after 160 epochs in the
-    ImageNet run (--lr-drop-epoch; main() turns it into args.lr_drop_steps)."""
+    """A constant lr (official pix256_xl.yaml: AdamW lr 1e-4 and no lr scheduler, so no warmup), divided by 10 after
+    160 epochs in the ImageNet run (the paper's ImageNet training setup; --lr-drop-epoch, which main() turns into
+    args.lr_drop_steps)."""
     # DIFF: the official trainer has no lr schedule; the drop is made by hand, resuming with override_lr_on_resume.
     drop = args.lr_drop_steps is not None and step > args.lr_drop_steps
     return args.lr * (0.1 if drop else 1.0)
@@ -813,8 +825,8 @@ def model_kwargs(args):
 def build(args, num_classes, device):
     """The plain model, its EMA and the optimizer: what main() trains and bench.py times."""
     raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
-    # Official config: AdamW with PyTorch's default betas (0.9, 0.999), no weight decay; the REPA projector (inside
-    # raw with --repa) too. fused: one kernel for all parameters on CUDA.
+    # Official pix256_xl.yaml: AdamW, weight_decay 0.0, no betas given (PyTorch's default (0.9, 0.999)); the REPA
+    # projector (inside raw with --repa) too. fused: one kernel for all parameters on CUDA.
     opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), betas=(0.9, 0.999), weight_decay=0.0,
                             fused=device.type == "cuda")
     return raw, EMA(raw, args.ema), opt
@@ -833,7 +845,7 @@ def train_step(model, ema, opt, x, y, step, args, encoder=None):
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
     x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
-    if args.flip:                                                         # off by default: the paper has no flip
+    if args.flip:                                                         # off by default: no flip in official data.py
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     raw, terms = unwrap(model), {}
     opt.zero_grad(set_to_none=True)
@@ -852,7 +864,8 @@ def train_step(model, ema, opt, x, y, step, args, encoder=None):
     except NotImplementedError as err:                                    # an op the MPS backend lacks
         raise SystemExit(f"{x.device.type}: {str(err).splitlines()[0][:150]}; use --device cpu, or set "
                          "PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops on the CPU.") from None
-    # Official: gradient_clip_val 1.0 (0.5 at 512px), by global norm. No host sync: the norm stays on the device.
+    # Official gradient_clip_val 1.0 (pix256_xl.yaml; 0.5 in pix512_xl.yaml), gradient_clip_algorithm norm. No host
+    # sync: the norm stays on the device.
     torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
     opt.step()
     ema.update(step)
@@ -944,8 +957,9 @@ def plot_loss(log, path, size=(720, 360)):
 
 
 def draw_grid(model, y, noise, step, args, run, bar):
-    """RUN/grid_STEP.png: the EMA model's samples with the paper's sampler from fixed noise and labels (column c is
-    class c, so successive grids compare), and RUN/loss.png redrawn. A grid takes a minute on a CPU."""
+    """RUN/grid_STEP.png: the EMA model's samples with the official sampler settings (sampler_defaults) from fixed
+    noise and labels (column c is class c, so successive grids compare), and RUN/loss.png redrawn. A grid takes a
+    minute on a CPU."""
     t0, path = time.time(), run / f"grid_{step:07d}.png"
     bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
     save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)
@@ -1189,26 +1203,26 @@ class StopSignals:
 # ---- 9. Command line and main ----
 # ---------------------------------------------------------------------------------------------------------------
 # What `--data NAME` means: the training defaults we use for it (any flag overrides them). A folder that is not one
-# of these names gets FOLDER_DEFAULTS. The paper's time shift (1 at 256px, 3 at 512px) and grad clip (1.0 / 0.5)
-# follow --img-size unless given (get_args).
-# DIFF: for the built-in shapes demo (ours) we use a small model and lr 2e-4 (paper: 1e-4; the grad clip keeps
+# of these names gets FOLDER_DEFAULTS. The official time shift (1 at 256px, 3 at 512px) and grad clip (1.0 / 0.5)
+# of pix256_xl.yaml / pix512_xl.yaml follow --img-size unless given (get_args).
+# DIFF: for the built-in shapes demo (ours) we use a small model and lr 2e-4 (official: 1e-4; the grad clip keeps
 # it safe) so a 10k-step run moves visibly (LAPTOP_PRESET: lr 4e-3 for its 800 steps); ffhq128 and
-# imagenet keep the paper's lr.
+# imagenet keep the official lr.
 DATA_PRESETS = {
     "shapes": dict(img_size=64, config="PixelDiT-S/8", batch_size=128, steps=10_000, lr=2e-4,
                    sample_every=1000, ckpt_every=1000),
     # FFHQ-128 (70k faces, unconditional): B/16 gives an 8x8 patch grid; the pixel level renders each 16x16 patch.
-    # The paper's lr and time shift (1: 128px has fewer pixels than 256px, where the paper already uses 1).
+    # The official lr and time shift (1: 128px has fewer pixels than 256px, where pix256_xl.yaml already uses 1).
     "ffhq128": dict(img_size=128, config="PixelDiT-B/16", batch_size=128, steps=200_000, lr=1e-4,
                     sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    # The paper's ImageNet-256 recipe (implementation details): XL/16, batch 256, 1.6M steps = 320 epochs,
-    # lr 1e-4 dropped to 1e-5 after 160 epochs, REPA on.
+    # ImageNet-256 as official pix256_xl.yaml: XL/16, batch 256 (32 x 8 GPUs), max_steps 1.6M = 320 epochs, lr 1e-4,
+    # REPA on; and the paper's lr drop to 1e-5 after 160 epochs (its ImageNet training setup).
     "imagenet": dict(img_size=256, config="PixelDiT-XL/16", batch_size=256, steps=1_600_000, lr=1e-4,
                      lr_drop_epoch=160, repa=True, sample_every=10_000, ckpt_every=10_000),
 }
 # `--data shapes` with no GPU (and no --config / --img-size): PixelDiT-T at 32px, 800 steps of 32 images, 4.4 min on
 # our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: at 2e-3 the grids followed
-# their classes less often. 50-step grids (half the paper's 100). No loader worker: the shapes are drawn in the
+# their classes less often. 50-step grids (half the official 100). No loader worker: the shapes are drawn in the
 # training process (about 0.4 ms an image), torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="PixelDiT-T", batch_size=32, steps=800, lr=4e-3,
                      sample_every=400, sample_steps=50, ckpt_every=400, log_every=50, num_workers=0)
@@ -1248,7 +1262,7 @@ def get_args(argv=None):
     g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.25 at 256px)")
     g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 AB2)")
     args = resolve_args(add_run_flags(p), argv)
-    args.shift = args.shift or default_shift(args.img_size)          # paper: 1 at 256px, 3 at 512px
+    args.shift = args.shift or default_shift(args.img_size)          # official: 1 at 256px, 3 at 512px
     if args.grad_clip is None:                          # official: 1.0, 0.5 at 512px
         args.grad_clip = 0.5 if args.img_size >= 512 else 1.0
     args.lr_drop_steps = None                           # main() sets it from --lr-drop-epoch and the dataset size
@@ -1378,7 +1392,7 @@ def main(argv=None, encoder=None):
     num_classes = len(dataset.classes)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    if args.lr_drop_epoch is not None:                  # paper: lr 1e-4 -> 1e-5 after 160 epochs
+    if args.lr_drop_epoch is not None:                  # the paper's ImageNet setup: 1e-4 -> 1e-5 at 160 ep
         args.lr_drop_steps = int(args.lr_drop_epoch * (len(dataset) // args.batch_size))
     run = Path(args.out)
     if rank == 0:                                       # from here on, this process owns the run folder
@@ -1412,7 +1426,7 @@ def main(argv=None, encoder=None):
             save = keep or step % args.ckpt_every == 0 or step == args.steps or stopping
             if step % args.log_every == 0 or save or step - log.first in (1, 10):   # a first reading in seconds
                 log.write(step, bar)                    # before any save: a NaN run stops, never checkpointed
-            if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, paper's sampler
+            if rank == 0 and (step % args.sample_every == 0 or step == args.steps):   # EMA weights, official sampler
                 draw_grid(ema.model, grid_y, grid_noise, step, args, run, bar)
             if save:
                 save_checkpoint(run / "ckpt.pt", args, raw, ema, opt, step, data_state, num_classes, world, rank, keep)
@@ -1423,8 +1437,8 @@ def main(argv=None, encoder=None):
 # ---------------------------------------------------------------------------------------------------------------
 # ---- Appendix A. The authors' weights: from_official ----
 # ---------------------------------------------------------------------------------------------------------------
-# Read from gcy-hub/PixelDiT commit d433a797a43d82869ff65098939b303bf9d34ee7 ("forked from PixelDiT"), whose c2i/
-# and pixdit_core/ are NVlabs/PixelDiT's (NVlabs/PixelDiT itself was not available to fetch here).
+# Follows NVlabs/PixelDiT as in gcy-hub/PixelDiT commit d433a797a43d82869ff65098939b303bf9d34ee7 ("forked from
+# PixelDiT"), whose c2i/ and pixdit_core/ are NVlabs/PixelDiT's.
 # Released (official c2i/README.md): https://huggingface.co/nvidia/PixelDiT-ImageNet/resolve/main/<file>, files
 # imagenet256_pixeldit_xl_epoch{80,160,320}.ckpt and imagenet512_pixeldit_xl.ckpt: all PixelDiT-XL/16, 1000 classes,
 # pre-modulation PiT blocks; load them with create_model("PixelDiT-XL/16", 256 or 512, 1000).
