@@ -1,12 +1,15 @@
 """
 PixNerd: "PixNerd: Pixel Neural Field Diffusion" (Shuai Wang, Ziteng Gao, Chenhui Zhu, Weilin Huang, Limin Wang,
-arXiv 2507.23268). Official code: MCG-NJU/PixNerd (Lightning + YAML).
+arXiv 2507.23268). Official code: MCG-NJU/PixNerd (Lightning + YAML). Section, equation, table and figure
+numbers below refer to arXiv 2507.23268v2; figure numbers are the PDF's (the arXiv HTML leaves the PDF's Fig. 1,
+the title-page figure, uncaptioned, so its first figures are numbered one lower).
 
 A single-scale, single-stage pixel-space DiT on big 16x16 patches (256 tokens at 256px, as many as a latent
 DiT-XL/2). A linear head cannot paint the 768 values of such a patch well, so PixNerd replaces DiT's final linear
-layer by a per-patch NEURAL FIELD: the transformer's last hidden state of each patch is turned into the weights of
-a small MLP, which maps (noisy pixel RGB, DCT encoding of the pixel's position in the patch) -> that pixel's
-velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE, qk-norm), flow matching, optional REPA to DINOv2.
+layer by a per-patch NEURAL FIELD (§3.2, Eqs. 9-11; Fig. 1, right): the transformer's last hidden state of each
+patch is turned into the weights of a small MLP, which maps (noisy pixel RGB, DCT encoding of the pixel's position in
+the patch) -> that pixel's velocity. The rest is a modern DiT (RMSNorm, SwiGLU, 2D RoPE: §4 "Training Details" and
+§4.1; qk-norm: official code, not in the paper), flow matching (§3.1), optional REPA to DINOv2 (§4).
 Start reading at `NeuralField`.
 
 Time: z_t = t*x + (1-t)*e, t=0 noise e, t=1 data x (all our scripts); the network predicts v = dz/dt = x - e.
@@ -15,7 +18,7 @@ Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*
 
     python pixnerd.py                                    # built-in "shapes" data: PixNerd-S/8 (no GPU: PixNerd-T)
     python pixnerd.py --data ffhq128                     # FFHQ 128x128 (see README for the download)
-    torchrun --nproc_per_node=8 pixnerd.py --data imagenet --config PixNerd-L/16     # the paper's ImageNet-256
+    torchrun --nproc_per_node=8 pixnerd.py --data imagenet --config PixNerd-L/16     # ImageNet-256 (§4.4, Tab. 2)
     python pixnerd.py --data imagenet --dinov2-path ~/dinov2   # REPA (on for imagenet) from a local dinov2 clone
     python sample.py runs/pixnerd-shapes --grid grid.png # sample a checkpoint (sample.py)
 
@@ -48,17 +51,18 @@ from tqdm import tqdm
 SCRIPT = "pixnerd"  # written into every checkpoint; sample.py dispatches on it
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 1. Configs (the paper's model names; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
+# ---- 1. Configs (model names: Tab. 2, §4.2; official configs_c2i/pix256std1_repa_pixnerd_{large,xl}.yaml) ----
 # ---------------------------------------------------------------------------------------------------------------
-# depth: transformer blocks ("num_cond_blocks"), width/heads: their size, patch: the patch side p.
-# nerf_depth: neural-field blocks ("num_blocks - num_cond_blocks"), nerf_width: field width F ("hidden_size_x"),
-# nerf_hidden: hidden width M of each field MLP (F * "nerf_mlpratio" = 64 * 2). repa_layer: the transformer block
-# whose output REPA aligns to DINOv2 ("align_layer", counted from 1).
+# depth: transformer blocks ("num_cond_blocks"), width/heads: their size, patch: the patch side p (L/16: 22 blocks
+# of width 1024, §4.2). nerf_depth: neural-field blocks ("num_blocks - num_cond_blocks"; 2 for L/16, §4.2, Fig. 7c),
+# nerf_width: field width F ("hidden_size_x"; 64, §4.2, Fig. 7b), nerf_hidden: hidden width M of each field MLP
+# (F * "nerf_mlpratio" = 64 * 2; not in the paper). repa_layer: the transformer block whose output REPA aligns to
+# DINOv2 ("align_layer", counted from 1; "the 8th layer", §4 "Training Details").
 CONFIGS = {
     "PixNerd-L/16": dict(depth=22, width=1024, heads=16, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
-                         repa_layer=8),   # 452.1M params (paper: 452M)
+                         repa_layer=8),   # 452.1M params (paper Tab. 2: 458M)
     "PixNerd-XL/16": dict(depth=26, width=1152, heads=16, patch=16, nerf_depth=4, nerf_width=64, nerf_hidden=128,
-                          repa_layer=8),  # 700.6M params (official README: 700M)
+                          repa_layer=8),  # 700.6M params (Tab. 2, Tab. 3, official README: 700M)
     # Not in the paper: a DiT-B-sized PixNerd, our FFHQ-128 default (64 tokens at 128px); 154.1M params with 1
     # class, 25M of them in the two field weight generators Linear(768 -> 16384).
     "PixNerd-B/16": dict(depth=12, width=768, heads=12, patch=16, nerf_depth=2, nerf_width=64, nerf_hidden=128,
@@ -76,24 +80,27 @@ CONFIGS = {
 REPA_DIM = 768  # width E of the DINOv2 ViT-B/14 patch tokens that REPA aligns to (official proj_encoder_dim)
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. The neural field head: the paper's idea (title-page figure, right, "PixNerd architecture": "replacing
+# ---- 2. The neural field head: the paper's idea (§3.2, Eqs. 9-11; Fig. 1, right, "PixNerd architecture": "replacing
 # ----    the final linear projection with a neural field"; official NerfEmbedder, NerfBlock, NerfFinalLayer) ----
 # ---------------------------------------------------------------------------------------------------------------
 # A neural field is a function of a coordinate: here, inside each p x p patch, an MLP maps a pixel's position
-# (and its noisy value) to that pixel's velocity. Its weights are not learned directly: they are PREDICTED per
-# patch from the transformer's hidden state of that patch, so every patch gets its own little MLP. Step by step,
-# for one patch with condition vector s (D,) and its P = p*p noisy pixels:
+# (and its noisy value) to that pixel's velocity (§3.1 "Neural Field", Eq. 8). Its weights are not learned directly:
+# they are PREDICTED per patch from the transformer's hidden state of that patch (Eq. 9), so every patch gets its own
+# little MLP. Step by step, for one patch with condition vector s (D,) and its P = p*p noisy pixels:
 #   1. coordinates:  each pixel (i, j) gets 64 DCT-basis features cos(pi*x*fx) * cos(pi*y*fy) / (1 + fx*fy)
-#                    (dct_features); concatenated with its 3 noisy RGB values and embedded by a Linear(67 -> F).
-#   2. weights:      per field block, a Linear(D -> 2*F*M) turns s into W1 (F x M) and W2 (M x F). Both are
-#                    L2-normalised over their INPUT dimension (each output unit's weight vector has norm 1:
-#                    the paper's "row-wise normalization"), which keeps the predicted MLP well-scaled whatever
-#                    the magnitude of s.
-#   3. the MLP:      h = h + silu(RMSNorm(h) @ W1) @ W2 (a pre-norm residual MLP, no biases), once per field block.
-#   4. output:       RMSNorm(F) -> Linear(F -> 3), zero-initialised, gives the pixel's velocity.
+#                    (dct_features; the paper's DCT-PE, Eq. 12, better than sine/cosine in Fig. 7d); concatenated
+#                    with its 3 noisy RGB values (Eq. 10) and embedded by a Linear(67 -> F).
+#   2. weights:      per field block, a Linear(D -> 2*F*M) turns s into W1 (F x M) and W2 (M x F) (Eq. 9). Both
+#                    are L2-normalised over their INPUT dimension (each output unit's weight vector has norm 1:
+#                    the paper's "row-wise normalization", §3.2, Eq. 10; ablated in §4.2, Fig. 7a), which keeps
+#                    the predicted MLP well-scaled whatever the magnitude of s.
+#   3. the MLP:      h = h + silu(RMSNorm(h) @ W1) @ W2 (a pre-norm residual MLP, no biases), once per field block
+#                    (the paper's Linear-SiLU-Linear MLP, §3.1 "Neural Field", Eqs. 8, 10; RMSNorm, residual: official).
+#   4. output:       RMSNorm(F) -> Linear(F -> 3), zero-initialised, gives the pixel's velocity (Eq. 11).
 # All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches. For the
-# paper's configs (F=64, M=128) each patch's predicted MLP has 2*64*128 = 16,384 weights, for 768 pixel values.
-NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs): 8 x 8 = 64 coordinate features
+# paper's configs (F=64: §4.2, Fig. 7b; M=128: official, not in the paper) each patch's predicted MLP has
+# 2*64*128 = 16,384 weights, for 768 pixel values.
+NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs; Eq. 12 gives K no value): 8 x 8 = 64 features
 
 
 class NeuralField(nn.Module):
@@ -138,11 +145,11 @@ class NerfBlock(nn.Module):
 
 
 def dct_features(p, num_freqs=NERF_FREQS):
-    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos).
+    """DCT-basis coordinate encoding of the p x p pixels of a patch, (p*p, num_freqs^2) (official fetch_pos; Eq. 12).
     Pixel k = i*p + j (row i, column j) sits at x = j/(p-1), y = i/(p-1) in [0, 1]. Feature a*num_freqs + b is
     cos(pi * x * f_a) * cos(pi * y * f_b) / (1 + f_a * f_b) with f = linspace(0, 8, 8): note the frequencies
     are NOT the integers 0..7 of a true DCT (0, 8/7, 16/7, ..., 8, as the official code), and the 1/(1 + fx*fy)
-    weight damps the high frequencies."""
+    weight damps the high frequencies (neither is in the paper's Eq. 12)."""
     pos = torch.linspace(0, 1, p, dtype=torch.float64)                                  # (p,)
     y, x = torch.meshgrid(pos, pos, indexing="ij")                                      # (p, p): row, column
     x, y = x.reshape(-1, 1, 1), y.reshape(-1, 1, 1)                                     # (P, 1, 1)
@@ -153,7 +160,7 @@ def dct_features(p, num_freqs=NERF_FREQS):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The model: a DiT whose head is the neural field (title-page figure; official PixNerDiT) ----
+# ---- 3. The model: a DiT whose head is the neural field (Fig. 1, right; DiT: §3.1 Eqs. 5-6; official PixNerDiT) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -183,7 +190,7 @@ class PixNerd(nn.Module):
         # REPA projector (official REPATrainer.proj): Linear(D,D), SiLU, Linear(D,D), SiLU, Linear(D,E).
         # DIFF: the official code keeps it in the trainer; we make it a submodule of the model when training with
         # REPA, so one optimizer, one state dict and DDP cover it. It is also EMA-averaged (unused, harmless) and
-        # never called at sampling time; with repa_dim=0 it does not exist (param counts are the paper's).
+        # never called at sampling time; with repa_dim=0 it does not exist (param counts without it, as in Tab. 2).
         self.repa_proj = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                        nn.Linear(width, repa_dim)) if repa_dim else None
         self.initialize_weights()
@@ -232,18 +239,20 @@ def create_model(config, img_size, num_classes, repa_dim=0, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 4. Flow matching and REPA (official src/diffusion/flow_matching/training_repa.py, REPATrainer) ----
+# ---- 4. Flow matching (§3.1) and REPA (§4; official src/diffusion/flow_matching/training_repa.py, REPATrainer) ----
 # ---------------------------------------------------------------------------------------------------------------
-# z = t*x + (1-t)*e and the network predicts v = dz/dt = x - e directly (official LinearScheduler: alpha=t,
-# sigma=1-t, dalpha=1, dsigma=-1); the loss is the plain MSE to v, plus REPA_WEIGHT * the REPA cosine loss.
+# z = t*x + (1-t)*e and the network predicts v = dz/dt = x - e directly (§3.1 "Rectified Flow Model"; official
+# LinearScheduler: alpha=t, sigma=1-t, dalpha=1, dsigma=-1); the loss is the plain MSE to v, plus REPA_WEIGHT * the
+# REPA cosine loss.
 # From (z, t) and v the clean image is x = z + (1-t)*v (v_to_x: the sampler's last step, which lands on t=1).
 T_EPS = 0.05                # x_to_v's clamp of 1 - t (as JiT's t_eps): finite at t = 1
 LABEL_DROP = 0.1            # probability of replacing the label by the null class (official null_condition_p)
-REPA_WEIGHT = 0.5           # weight of the REPA cosine loss (official feat_loss_weight)
+REPA_WEIGHT = 0.5           # weight of the REPA cosine loss (§4 "Training Details": 0.5; official feat_loss_weight)
 
 
 def sample_t(n, device):
-    """Logit-normal t = sigmoid(N(0, 1)) (official lognorm_t=True, no time shift at 256px), in fp32."""
+    """Logit-normal t = sigmoid(N(0, 1)) (the paper's "lognorm sampling", §4 "Training Details", §4.1; official
+    lognorm_t=True, no time shift at 256px), in fp32."""
     return torch.sigmoid(torch.randn(n, device=device, dtype=torch.float32))
 
 
@@ -287,7 +296,7 @@ def repa_loss(h, target):
     return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
 
 
-# ---- REPA's frozen target: DINOv2 ViT-B/14 (official src/models/encoder.py) ----
+# ---- REPA's frozen target: DINOv2 ViT-B/14 (§4 "Training Details": DINOv2-Base; official src/models/encoder.py) ----
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # DINOv2's input normalisation
 def load_dinov2(device, patch, path=None):
     """The frozen REPA target as a plain callable encode(x01): clean images in [0, 1] (B, 3, H, W) -> DINOv2
@@ -331,8 +340,10 @@ def load_dinov2(device, patch, path=None):
 
 
 def sampler_defaults(config, img_size):
-    """The paper's sampler for every config and size: Euler, 100 steps, CFG 3.5 on the velocity for
-    0.1 < t < 1 (official guidance_interval_min/max), no time shift."""
+    """The paper's sampler for every config and size: Euler, 100 steps (the Euler-100 rows of Tab. 2-3), CFG 3.5 on
+    the velocity for 0.1 < t < 1 (§4.3, Fig. 7e; Tab. 2 and Tab. 3 captions; official guidance_interval_min/max),
+    no time shift. At 512px the paper's own text differs: §4.4 gives the interval [0.3, 1.0], Tab. 3's caption
+    [0.1, 1], which we use."""
     return dict(steps=100, cfg=3.5, interval=(0.1, 1.0), solver="euler")
 
 
@@ -367,9 +378,9 @@ def velocity(model, z, t, y, cfg, interval):
 
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
-    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on time_grid(steps): Euler (the paper's) or Heun
-    (2nd order; its last step is Euler, as the official HeunSampler). None arguments take the paper's defaults
-    (sampler_defaults); `noise` (B,3,H,W) overrides the starting noise.
+    """Integrate dz/dt = v from t=0 (noise) to t=1 (data) on time_grid(steps): Euler (the paper's, Tab. 2-3; solvers
+    compared in Fig. 7f) or Heun (2nd order; its last step is Euler, as the official HeunSampler). None arguments
+    take the paper's defaults (sampler_defaults); `noise` (B,3,H,W) overrides the starting noise.
     Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and clamps when
     converting to uint8: the same PNGs).
     DIFF: the official HeunSampler (unused in their configs) by default reuses the corrector's velocity as the
@@ -682,8 +693,8 @@ def default_workers():
 # ---------------------------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
-    DIFF: the official SimpleEMA uses a fixed decay 0.9999 from step 0; we use the warmup
-    decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
+    DIFF: the official SimpleEMA uses a fixed decay 0.9999 (paper §4.4: "EMA with 0.9999") from step 0; we use the
+    warmup decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
     For the official 800k-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999
     would still be mostly the random init, and the sample grids would show noise.
     warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run)."""
@@ -706,7 +717,8 @@ def unwrap(model):
 
 
 def lr_at(step, args):
-    """The lr of step k: constant (official: AdamW at lr 1e-4, no schedule, no warmup)."""
+    """The lr of step k: constant (official: AdamW at lr 1e-4, no schedule, no warmup; paper §4.4: no warm-up, no lr
+    given)."""
     return args.lr
 
 
@@ -721,7 +733,7 @@ def build(args, num_classes, device):
     bench.py times. The frozen REPA encoder is not part of it: main() loads it (repa_encoder) for train_step."""
     raw = create_model(args.config, args.img_size, num_classes, **model_kwargs(args)).to(device)
     ema = EMA(raw, args.ema)
-    # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no grad clipping.
+    # Official: AdamW, lr 1e-4, weight decay 0, PyTorch's default betas (0.9, 0.999), no grad clipping (§4.4).
     # fused=True: one kernel for all parameters on CUDA.
     opt = torch.optim.AdamW(raw.parameters(), lr=lr_at(1, args), weight_decay=0.0, fused=device.type == "cuda")
     opt.register_load_state_dict_pre_hook(lambda opt, state_dict: split_w13_adam_state(state_dict, raw))
@@ -764,7 +776,7 @@ def train_step(model, ema, opt, x, y, step, args, encoder=None):
     for group in opt.param_groups:
         group["lr"] = lr_at(step, args)
     x = x.float() / 127.5 - 1.0                                           # uint8 [0, 255] -> [-1, 1], on device
-    if args.flip:                                                         # off by default: the paper has no flip
+    if args.flip:                                      # off by default: none in the official loader nor the paper
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     raw, terms = unwrap(model), {}
     opt.zero_grad(set_to_none=True)
@@ -1118,11 +1130,13 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------------------------
 # ---- 9. Command line and main ----
 # ---------------------------------------------------------------------------------------------------------------
-# What `--data NAME` means: the training defaults we use for it (any flag overrides them). The paper trains with a
-# constant lr 1e-4 at (inferred) global batch 256, no warmup, no scaling. A folder that is not one of these names gets
-# FOLDER_DEFAULTS. REPA is on for imagenet (the paper's setting; it needs DINOv2, see --repa) and off elsewhere.
+# What `--data NAME` means: the training defaults we use for it (any flag overrides them). The official configs train
+# with a constant lr 1e-4 at global batch 256 (train_batch_size 32 x the 8 A100s of §4.4), no scaling; the paper gives
+# neither number (DeCo's App. B.1 attributes both to PixNerd), only "no ... learning rate warm-up" (§4.4). A folder
+# that is not one of these names gets FOLDER_DEFAULTS. REPA is on for imagenet (the paper's setting, §4 "Training
+# Details"; it needs DINOv2, see --repa) and off elsewhere.
 # DIFF: for the built-in shapes demo we use lr 2e-4 so a 10k-step run moves visibly (LAPTOP_PRESET: lr 4e-3 for
-# its 1000 steps); ffhq128 and imagenet keep the paper's 1e-4.
+# its 1000 steps); ffhq128 and imagenet keep the official 1e-4.
 DATA_PRESETS = {
     "shapes": dict(img_size=64, config="PixNerd-S/8", batch_size=128, steps=10_000, lr=2e-4,
                    sample_every=1000, ckpt_every=1000),
@@ -1131,9 +1145,10 @@ DATA_PRESETS = {
     "imagenet": dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=800_000, lr=1e-4,
                      sample_every=10_000, ckpt_every=10_000, repa=True),  # official max_steps 800k
 }
+# imagenet's 800k steps of 256: ~160 epochs of ImageNet's 1.28M images, Tab. 2's "Epochs 160" (800k: not in the paper).
 # `--data shapes` with no GPU (and no --config / --img-size): PixNerd-T at 32px, 1000 steps of 32 images, 4.4 min on
 # our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: at 2e-3 the grids followed
-# their classes less often. 50-step grids (half the paper's 100). No loader worker: the shapes are drawn in the
+# their classes less often. 50-step grids (half the paper's 100, Tab. 2). No loader worker: the shapes are drawn in the
 # training process (about 0.4 ms an image), torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="PixNerd-T", batch_size=32, steps=1000, lr=4e-3,
                      sample_every=500, sample_steps=50, ckpt_every=500, log_every=50, num_workers=0)
@@ -1163,7 +1178,7 @@ def get_args(argv=None):
     g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper: 0.5)")
     g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (default: GitHub)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (paper: 1e-4)")
+    g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (official: 1e-4)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (paper: 0.9999), reached after a warmup")
     g = p.add_argument_group("sample grids")
     g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.5)")
