@@ -1,6 +1,8 @@
 """
 DeCo: "DeCo: Frequency-Decoupled Pixel Diffusion for End-to-End Image Generation"
 (Ma, Wei, Wang, Zhang, Tian; arXiv 2511.19365). Official code: Zehong-Ma/DeCo.
+Section, equation, table, figure and appendix numbers ("§3.3, Eq. 12", "Tab. 4(e)", "Fig. 8", "App. B.2", "Alg. 1")
+refer to arXiv 2511.19365v2 (8 Apr 2026).
 
 The idea in five lines:
   1. A DiT on 16x16 pixel patches sees only patch tokens, so let it model the LOW frequencies (semantics).
@@ -9,22 +11,25 @@ The idea in five lines:
   3. The decoder is modulated pixel by pixel (AdaLN) by the DiT output of the pixel's patch.
   4. Training adds a frequency-aware flow-matching loss: 8x8 block DCT of YCbCr velocities, each frequency weighted
      by the inverse JPEG quantisation step, so the visually salient frequencies count most.
-  5. REPA (DiT block 8 aligned with DINOv2 features) as in the paper; Euler, 100 steps, CFG for sampling.
+  5. REPA (§3.1 Eq. 6, App. B.1: a DiT block aligned with DINOv2 features; block 8 is the official align_layer, the
+     paper names no block); Euler, 100 steps, CFG for sampling (App. B.2, Tab. 5).
 Start reading at `PixelDecoder` (then `frequency_loss`).
 
 Time: z_t = t*x + (1-t)*e, t=0 noise, t=1 data (all our scripts); the model predicts v = dz/dt = x - e. (The paper
-writes the reversed convention, x_t = (1-t)*x0 + t*x1 with x1 the noise; the official code uses ours.)
+writes the reversed convention, §3.1 Eqs. 2-3: x_t = (1-t)*x0 + t*x1 with x1 the noise, v_t = x1 - x0; the official
+code uses ours.)
 Shapes: B batch, C=3 channels, H=W image size, p patch (16), N=(H/p)^2 DiT tokens, D DiT width, P=p*p pixels per
 patch, d decoder width (32), K=8 DCT block size.
 
     python deco.py                                    # built-in shapes data: DeCo-S/8 at 64px (no GPU: DeCo-T)
     python deco.py --data ffhq128                     # FFHQ thumbnails in data/ffhq128, DeCo-L/16
-    torchrun --nproc_per_node=8 deco.py --data imagenet          # the paper's run: DeCo-XL/16, 256px, REPA
+    torchrun --nproc_per_node=8 deco.py --data imagenet       # the paper's run (§4.2, Tab. 2): DeCo-XL/16, 256px, REPA
     torchrun --nproc_per_node=8 deco.py --data imagenet --img-size 512 --steps 100000 \
-        --init-from runs/deco-imagenet --out runs/deco-imagenet512   # the paper's 512 model, from the 256 one
+        --init-from runs/deco-imagenet --out runs/deco-imagenet512   # the paper's 512 model from the 256 one (App. B.2)
     python sample.py runs/deco-shapes --grid grid.png # sample a checkpoint (sample.py)
-Where the paper and the official code disagree we follow the code and say so (time convention, rounding of the JPEG
-tables, decoder normalisation, label dropout of the XL configs). Differences from the official code: grep "DIFF:".
+Where the paper and the official code disagree we follow the code and say so (time convention, decoder
+normalisation, REPA weight); where the paper gives no value we take the code's (REPA block, label dropout of the
+L and XL configs). Differences from the official code: grep "DIFF:".
 """
 import argparse
 import contextlib
@@ -60,17 +65,18 @@ SCRIPT = "deco"
 # dec_depth/dec_width: the pixel decoder (official: num_blocks - num_cond_blocks = 3, hidden_size_x = 32).
 # repa_layer: the DiT block whose output REPA aligns with DINOv2 (official align_layer = 8, 1-based).
 # label_drop: probability of replacing the class by the null class in training (for CFG). The official XL yamls
-#   set null_condition_p 0.2; the L yaml keeps the default 0.1. The paper states 0.1 only.
+#   set null_condition_p 0.2; the L yaml keeps the default 0.1. The paper states no label-dropout probability (its
+#   only 0.1 is the CFG interval's lower end, App. B.2, Tab. 5).
 CONFIGS = {
-    # paper: 426M params (we count 426.9M: the REPA projector is not counted: repa_dim=0)
+    # paper Tab. 5 (and Tab. 1): 426M params (we count 426.9M: the REPA projector is not counted: repa_dim=0)
     "DeCo-L/16": dict(depth=22, width=1024, heads=16, patch=16, dec_depth=3, dec_width=32, repa_layer=8,
                       label_drop=0.1),
-    # paper: 682M params (we count 682.3M)
+    # paper Tab. 5 (and Tab. 2): 682M params (we count 682.3M)
     "DeCo-XL/16": dict(depth=28, width=1152, heads=16, patch=16, dec_depth=3, dec_width=32, repa_layer=8,
                        label_drop=0.2),
     # Ours, not in the paper: DiT-S-sized trunk (12 x 384, as the other scripts' small configs) with patch 8 for
-    # the built-in 64px `shapes` data (8 x 8 tokens), the paper's 3 x 32 decoder, REPA at block 4 (about 1/3 of the
-    # depth, like 8 of 22). 33M params with 8 classes.
+    # the built-in 64px `shapes` data (8 x 8 tokens), the paper's 3 x 32 decoder (§4.4, Tab. 4(a)-(b), Tab. 5), REPA
+    # at block 4 (about 1/3 of the depth, like 8 of 22). 33M params with 8 classes.
     "DeCo-S/8": dict(depth=12, width=384, heads=6, patch=8, dec_depth=3, dec_width=32, repa_layer=4,
                      label_drop=0.1),
     # Ours, not in the paper: the laptop preset's model (LAPTOP_PRESET: 32px shapes in minutes on a CPU); 8x8.
@@ -82,20 +88,23 @@ MODEL_KEYS = ("depth", "width", "heads", "patch", "dec_depth", "dec_width", "rep
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. The "lightweight pixel decoder" (paper abstract; official SimpleMLPAdaLN + NerfEmbedder) ----
+# ---- 2. The "lightweight pixel decoder" (paper §3.2, Eqs. 5, 7-9, Fig. 3; official SimpleMLPAdaLN + NerfEmbedder) --
 # ---------------------------------------------------------------------------------------------------------------
 # The decoder is the point of the paper. Step by step, for each of the N patches (all B*N patches at once):
 #   a. Every pixel becomes a token: its noisy RGB value plus 64 patch-local "DCT" position features (the cosine
-#      basis below; it tells the pixel where it sits inside its patch) -> Linear(67 -> d) -> Linear(d -> d).
+#      basis below; it tells the pixel where it sits inside its patch) -> Linear(67 -> d) -> Linear(d -> d)
+#      (§3.2 "Dense Query Construction", Eq. 7).
 #   b. The DiT output of the patch, s (one D-vector), is "up-sampled" by ONE linear map D -> P*d and cut into
-#      P vectors of width d: every pixel gets its own condition vector (paper: "upsampled to pixel resolution").
-#   c. 3 attention-free blocks, each a per-pixel MLP with per-pixel AdaLN from that condition:
+#      P vectors of width d: every pixel gets its own condition vector (§3.2 "Decoder Block": "linearly upsampled
+#      and reshaped to match the spatial resolution of xt").
+#   c. 3 attention-free blocks, each a per-pixel MLP with per-pixel AdaLN from that condition (§3.2, Eqs. 8-9):
 #         (shift, scale, gate) = Linear(d -> 3d)(SiLU(cond_pixel))
 #         x = x + gate * MLP(LayerNorm(x) * (1 + scale) + shift),   MLP = Linear(d, d), SiLU, Linear(d, d)
 #   d. LayerNorm (no affine) -> Linear(d -> 3) gives the pixel's velocity; fold the patches back into the image.
 # No operation mixes pixels: every op is per pixel except (b), which only reads the pixel's own patch token.
 # So pixels of different patches never interact inside the decoder (tested), and the decoder costs ~7 GFLOPs per
-# 256px image. The official yaml's decoder "patch_size" only sizes step (b) (Zehong-Ma/DeCo#1, #6).
+# 256px image. This per-pixel decoder is the paper's decoder patch size 1 (Tab. 4(c), App. B.1); the official
+# yaml's decoder "patch_size" only sizes step (b) (Zehong-Ma/DeCo#1, #6).
 class PixelDecoder(nn.Module):
     """Noisy patches zp (B, N, C*P) + DiT condition s (B, N, D) -> velocity patches (B, N, C*P), channel-major."""
 
@@ -132,7 +141,8 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, d):
         super().__init__()
-        # Paper vs code: we follow the code's normalisation, a LayerNorm (eps 1e-6, with affine) before the AdaLN.
+        # Paper vs code: Eq. 9 (§3.2) has no norm, Fig. 3 draws a "Layer Norm" in the decoder block; we follow the
+        # code's normalisation, a LayerNorm (eps 1e-6, with affine) before the AdaLN.
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 3 * d))
@@ -156,22 +166,24 @@ def dct_position_features(p, max_freqs=8):                              # -> (P,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The "frequency-aware flow-matching loss" (paper abstract, tables in Fig. 8; official
+# ---- 3. The "frequency-aware flow-matching loss" (paper §3.3, Eqs. 10-12, App. D, tables in Fig. 8; official
 # ----    src/diffusion/flow_matching/training_repa_DeCo.py) ----
 # ---------------------------------------------------------------------------------------------------------------
-# L_freq = E[ w * (DCT(YCbCr(v_pred)) - DCT(YCbCr(v)))^2 ]
+# L_freq = E[ w * (DCT(YCbCr(v_pred)) - DCT(YCbCr(v)))^2 ]   (Eqs. 10, 12; Alg. 1 in App. E.1)
 #   YCbCr: Y = .299R + .587G + .114B, Cb = -.168736R - .331264G + .5B, Cr = .5R - .418688G - .081312B (JPEG,
 #          no +128 offsets: they cancel in a difference anyway).
 #   DCT:   every 8x8 block X of each channel -> F = D X D^T, with the orthonormal DCT-II matrix
 #          D[k, n] = a_k cos(pi (2n + 1) k / 16), a_0 = sqrt(1/8), a_k = sqrt(2/8) = 1/2. Row index = vertical
 #          frequency u, column = horizontal frequency v, the layout of the JPEG tables.
-#   w:     JPEG quantisation table Q at quality q (luma for Y, chroma for Cb and Cr), w = (1/Q) / mean_64(1/Q):
+#   w:     JPEG quantisation table Q at quality q (luma for Y, chroma for Cb and Cr), w = (1/Q) / mean_64(1/Q)
+#          (§3.3, App. D; Alg. 1: w = 1/Qcur, then w / w.mean()):
 #          a small step = a frequency JPEG keeps = a perceptually important one = a large weight.
-# The paper's ablations: weight 1 (0.5 and 2 are worse), quality 85 (50 about the same, 100 = no weighting worse).
-FREQ_WEIGHT = 1.0   # weight of L_freq in the total loss (paper, official)
-JPEG_QUALITY = 85   # quality of the tables the weights come from (paper, official)
+# The paper's ablations (§4.4, Tab. 4(e), (f)): weight 1 (0.5 and 2 are worse), quality 85 (50 about the same,
+# 100 = no weighting worse).
+FREQ_WEIGHT = 1.0   # weight of L_freq in the total loss (paper Tab. 4(e), §4.4; official)
+JPEG_QUALITY = 85   # quality of the tables the weights come from (paper Tab. 4(f), §4.4, Fig. 8; official)
 YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
-JPEG_LUMA = (  # ITU-T T.81 Annex K, Table K.1
+JPEG_LUMA = (  # ITU-T T.81 Annex K, Table K.1 (= the paper's base tables, Fig. 8)
     (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55), (14, 13, 16, 24, 40, 57, 69, 56),
     (14, 17, 22, 29, 51, 87, 80, 62), (18, 22, 37, 56, 68, 109, 103, 77), (24, 35, 55, 64, 81, 104, 113, 92),
     (49, 64, 78, 87, 103, 121, 120, 101), (72, 92, 95, 98, 112, 100, 103, 99))
@@ -203,8 +215,9 @@ def frequency_weights(quality=JPEG_QUALITY):                            # -> (3,
 def jpeg_table(base, quality):                                          # -> (K, K) float64
     """libjpeg's quality scaling as the official code writes it: scale = 5000/q (q < 50) or 200 - 2q, then
     Q = clamp(floor((base * scale + 50) / 100), 1, 255). At q = 85: scale 30, e.g. 16 -> floor(5.3) = 5.
-    Note: the paper's Fig. 8 shows truncated values (floor(base * scale / 100)); the code rounds. We follow the
-    code. (For q < 50 it also keeps 5000/q as a float where libjpeg divides integers.)"""
+    Note: the paper's Eq. 11 (§3.3), Qcur = max(1, floor((Qbase * (100 - q) + 25) / 50)), rounds the same way for
+    50 <= q <= 100, the range it is given for, and its Fig. 8 tables at q = 85 are these (luma 12 -> 4, 58 -> 17).
+    We follow the code. (For q < 50 it keeps 5000/q as a float where libjpeg divides integers.)"""
     q = max(1, min(100, int(quality)))
     scale = 5000 / q if q < 50 else 200 - 2 * q
     return torch.floor((torch.tensor(base, dtype=torch.float64) * scale + 50) / 100).clamp(1, 255)
@@ -350,11 +363,12 @@ def create_model(config, img_size, num_classes, **overrides):
 # ---------------------------------------------------------------------------------------------------------------
 # z_t = t*x + (1-t)*e; target v = dz/dt = x - e (official LinearScheduler). DeCo predicts v directly.
 T_EPS = 0.05        # clamp of (1 - t) in x_to_v only; DeCo itself never divides by (1 - t)
-REPA_WEIGHT = 0.5   # weight of the REPA loss (paper, official)
+REPA_WEIGHT = 0.5   # weight of the REPA loss (official code; the paper's Eq. 6 and Alg. 1 add L_REPA with weight 1)
 
 
 def sample_t(n, device):
-    """t = sigmoid(N(0, 1)): logit-normal with mean 0, std 1, no shift (official lognorm_t=True)."""
+    """t = sigmoid(N(0, 1)): logit-normal with mean 0, std 1, no shift (paper Tab. 5, App. B.1; official
+    lognorm_t=True)."""
     return torch.randn(n, device=device).sigmoid()
 
 
@@ -374,7 +388,9 @@ def x_to_v(x_pred, z, t):
 
 def flow_loss(model, x, y, num_classes, label_drop=0.1, freq_weight=FREQ_WEIGHT, quality=JPEG_QUALITY,
               encoder=None, repa_weight=REPA_WEIGHT):
-    """The paper's training loss: L = MSE(v_pred, v) + freq_weight * L_freq + repa_weight * L_REPA.
+    """The training loss: L = MSE(v_pred, v) + freq_weight * L_freq + repa_weight * L_REPA. The paper's (§3.1 Eq. 6,
+    Alg. 1 in App. E.1) is L_FM + L_FreqFM + L_REPA with unit weights; the defaults are freq_weight 1 (Tab. 4(e))
+    and the official code's repa_weight 0.5.
     x (B, 3, H, W) clean images in [-1, 1], y (B,) class ids. encoder: None (no REPA: the plain objective, repa
     term 0) or a frozen callable mapping images in [0, 1] to features (B, N, REPA_DIM), e.g. load_dinov2's.
     Returns (loss, terms): terms = dict(mse, freq, repa) of detached 0-dim tensors."""
@@ -454,11 +470,11 @@ def load_dinov2(device, patch, path=None):
 # ---- 6. Sampler: Euler (Heun optional) on the official grid, CFG on velocity for t > 0.1 ----
 # ---------------------------------------------------------------------------------------------------------------
 def sampler_defaults(config, img_size):
-    """The paper's sampler for ImageNet (official DeCo_XL*.yaml): Euler, 100 steps, CFG on velocity for
-    t in (0.1, 1], scale 3.2 at 256 (320-epoch model; the paper uses 3.0 for 800 epochs) and 5.0 at 512.
+    """The paper's sampler for ImageNet (App. B.2, Tab. 5; official DeCo_XL*.yaml): Euler, 100 steps, CFG on
+    velocity for t in (0.1, 1], scale 3.2 at 256 (320-epoch model; the paper uses 3.0 for 800 epochs) and 5.0 at 512.
     DIFF: the official DeCo_large.yaml samples with Euler-50, CFG 1.0 on [0, 1]: the setting of the paper's
-    L/16 ablation tables (FID without guidance at 200k steps). We give DeCo-L/16 the XL main-result sampler
-    too, so its grids are guided; for the ablation numbers use `--steps 50 --cfg 1` (sample.py)."""
+    L/16 tables, Tab. 1 and Tab. 4 (§4.1, App. B.1: FID without guidance at 200k steps). We give DeCo-L/16 the XL
+    main-result sampler too, so its grids are guided; for the ablation numbers use `--steps 50 --cfg 1` (sample.py)."""
     return dict(steps=100, cfg=5.0 if img_size >= 512 else 3.2, interval=(0.1, 1.0), solver="euler")
 
 
@@ -496,8 +512,8 @@ def velocity(model, z, t, y, cfg, interval):
 @torch.no_grad()
 def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=None, generator=None, progress=False):
     """Integrate dz/dt = v from t=0 (noise) to t=1 (data). None arguments take the paper's defaults
-    (sampler_defaults). Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and
-    clamps when converting to uint8: the same PNGs).
+    (sampler_defaults; App. B.2, Tab. 5). Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler
+    returns raw values and clamps when converting to uint8: the same PNGs).
     Heun follows the official HeunSampler with its default exact_henu=False: after the first step, the corrector
     evaluation v(z_hat, t_next) is reused as the next step's predictor, so Heun costs one model call per step (plus
     one at the start); the last step is Euler."""
@@ -650,7 +666,7 @@ def unpatchify(x, p, H, W):                             # (B, N, C*p*p) -> (B, C
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Data (ADM center crop, no flip: official PixImageNet; the built-in `shapes` data: Appendix B) ------
+# ---- 8. Data (ADM center crop, no flip: official PixImageNet; the built-in `shapes` data: this file's Appendix B) -
 # ---------------------------------------------------------------------------------------------------------------
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
@@ -662,8 +678,9 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, used by all four papers): box-halve while the short side is >= 2*size,
-    bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion; the official DeCo code's, not described in the paper): box-halve while the
+    short side is >= 2*size, bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3)
+    uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -777,7 +794,7 @@ def default_workers():
 # ---------------------------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
-    DIFF: the official code uses a fixed decay 0.9999 from step 0; we use the warmup
+    DIFF: the official code uses a fixed decay 0.9999 (the paper's, Tab. 5) from step 0; we use the warmup
     decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For
     the paper's 1.6M-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would
     still be mostly the random init, and the sample grids would show noise.
@@ -802,7 +819,8 @@ def unwrap(model):
 
 
 def lr_at(step, args):
-    """The lr of step k: constant, no warmup, no decay (official DeCo_*.yaml: lr 1e-4 at batch 256)."""
+    """The lr of step k: constant, no warmup, no decay (official DeCo_*.yaml and paper Tab. 5, App. B.1: lr 1e-4 at
+    batch 256)."""
     return args.lr
 
 
@@ -1191,7 +1209,7 @@ class StopSignals:
 # ---- 10. Command line and main ----
 # ---------------------------------------------------------------------------------------------------------------
 # What `--data NAME` means: the training defaults we use for it (any flag overrides them). The paper trains with a
-# constant lr 1e-4 at batch 256. A folder that is not one of these names gets FOLDER_DEFAULTS.
+# constant lr 1e-4 at batch 256 (Tab. 5, App. B.1-B.2). A folder that is not one of these names gets FOLDER_DEFAULTS.
 # DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly
 # (LAPTOP_PRESET: lr 4e-3 for its 1100 steps); ffhq128 and imagenet keep the paper's 1e-4.
 DATA_PRESETS = {
@@ -1199,14 +1217,15 @@ DATA_PRESETS = {
                    sample_every=1000, ckpt_every=1000),
     "ffhq128": dict(img_size=128, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
                     sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
-    # the paper's ImageNet-256 run: XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2)
+    # the paper's ImageNet-256 run (App. B.2): XL, batch 256, REPA; 320 epochs = 1.6M steps (FID 1.90 with CFG 3.2:
+    # §4.2, Tab. 2)
     "imagenet": dict(img_size=256, config="DeCo-XL/16", batch_size=256, steps=1_600_000, lr=1e-4, repa=True,
                      sample_every=10_000, ckpt_every=10_000),
 }
 # `--data shapes` with no GPU (and no --config / --img-size): DeCo-T at 32px, 1100 steps of 32 images, 4.1 min on our
 # 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: at 2e-3 the grids followed
-# their classes less often. 50-step grids (half the paper's 100). No loader worker: the shapes are drawn in the
-# training process (about 0.4 ms an image), torch keeps both cores.
+# their classes less often. 50-step grids (half the paper's 100, App. B.2). No loader worker: the shapes are drawn in
+# the training process (about 0.4 ms an image), torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="DeCo-T", batch_size=32, steps=1100, lr=4e-3,
                      sample_every=550, sample_steps=50, ckpt_every=550, log_every=50, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
