@@ -678,9 +678,9 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion; the official DeCo code's, not described in the paper): box-halve while the
-    short side is >= 2*size, bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3)
-    uint8."""
+    """ADM center crop (guided-diffusion's center_crop_arr, as in the official JiT, PixNerd and DeCo loaders): halve
+    with a box filter while the short side is >= 2*size, bicubic-resize it to `size`, take the center.
+    PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -1247,11 +1247,12 @@ def get_args(argv=None):
     g.add_argument("--unconditional", action=argparse.BooleanOptionalAction, default=False,
                    help="ignore class subfolders, train one class (FFHQ's folders are not classes)")
     g = p.add_argument_group("objective: MSE + freq-weight * L_freq + repa-weight * L_REPA")
-    g.add_argument("--freq-weight", type=float, default=FREQ_WEIGHT, help="weight of L_freq (paper's)")
+    g.add_argument("--freq-weight", type=float, default=FREQ_WEIGHT, help="weight of L_freq (paper Tab. 4(e))")
     g.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="JPEG quality of the L_freq weights")
     g.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA with frozen DINOv2 ViT-B/14 (paper: on; needs torch.hub or --dinov2-path)")
-    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper's)")
+    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT,
+                   help="weight of the REPA loss (official; the paper's Eq. 6 has 1)")
     g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2 for torch.hub (offline REPA)")
     g.add_argument("--label-drop", type=float, help="label dropout for CFG (default: the config's, 0.1; XL 0.2)")
     g = p.add_argument_group("optimisation (official: AdamW, constant lr 1e-4, batch 256)")

@@ -481,8 +481,9 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, used by all four papers): box-halve while the short side is >= 2*size,
-    bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion's center_crop_arr, as in the official JiT, PixNerd and DeCo loaders): halve
+    with a box filter while the short side is >= 2*size, bicubic-resize it to `size`, take the center.
+    PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)

@@ -487,7 +487,7 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     solver = solver or d["solver"]
     shift = d["shift"] if shift is None else shift
     if solver not in ("ab2", "euler", "heun"):
-        raise SystemExit(f"unknown solver {solver!r}: pixeldit.py samples with 'ab2' (the paper's), 'euler' or 'heun'")
+        raise SystemExit(f"unknown solver {solver!r}: pixeldit.py samples with 'ab2' (official), 'euler' or 'heun'")
     dev = next(model.parameters()).device
     y = y.to(dev)
     B, H = y.shape[0], model.img_size
@@ -671,8 +671,9 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, used by all four papers): box-halve while the short side is >= 2*size,
-    bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion's center_crop_arr, as in the official JiT, PixNerd and DeCo loaders): halve
+    with a box filter while the short side is >= 2*size, bicubic-resize it to `size`, take the center.
+    PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -1248,19 +1249,19 @@ def get_args(argv=None):
                    help="PiT post-modulation (official PR #8): try it if the loss spikes")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flip")
     g = p.add_argument_group("objective (flow matching on v, + REPA)")
-    g.add_argument("--shift", type=float, help="time shift of the training t (default: 1, 3 from 512px: the paper's)")
+    g.add_argument("--shift", type=float, help="time shift of the training t (default: 1, 3 from 512px: official)")
     g.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
                    help="REPA loss to DINOv2 ViT-B/14 features (paper: on; needs torch.hub or --dinov2-path)")
-    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (paper: 0.5)")
+    g.add_argument("--repa-weight", type=float, default=REPA_WEIGHT, help="weight of the REPA loss (official: 0.5)")
     g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2, for --repa without network")
-    g = p.add_argument_group("optimisation (paper, implementation details)")
-    g.add_argument("--lr", type=float, default=2e-4, help="learning rate (paper: 1e-4 at batch 256)")
+    g = p.add_argument_group("optimisation (official c2i/configs/pix256_xl.yaml)")
+    g.add_argument("--lr", type=float, default=2e-4, help="learning rate (official: 1e-4 at batch 256)")
     g.add_argument("--lr-drop-epoch", type=float, help="divide the lr by 10 after this many epochs (paper: 160)")
-    g.add_argument("--grad-clip", type=float, help="max global gradient norm (default: 1.0, 0.5 from 512px: paper)")
-    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (paper: 0.9999), reached after a warmup")
+    g.add_argument("--grad-clip", type=float, help="max global gradient norm (default: 1.0, 0.5 from 512px: official)")
+    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (official: 0.9999), reached after a warmup")
     g = p.add_argument_group("sample grids")
-    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.25 at 256px)")
-    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 AB2)")
+    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: official README, 3.25 at 256px)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: official README, 100 AB2)")
     args = resolve_args(add_run_flags(p), argv)
     args.shift = args.shift or default_shift(args.img_size)          # official: 1 at 256px, 3 at 512px
     if args.grad_clip is None:                          # official: 1.0, 0.5 at 512px

@@ -95,7 +95,8 @@ REPA_DIM = 768  # width E of the DINOv2 ViT-B/14 patch tokens that REPA aligns t
 #                    the paper's "row-wise normalization", §3.2, Eq. 10; ablated in §4.2, Fig. 7a), which keeps
 #                    the predicted MLP well-scaled whatever the magnitude of s.
 #   3. the MLP:      h = h + silu(RMSNorm(h) @ W1) @ W2 (a pre-norm residual MLP, no biases), once per field block
-#                    (the paper's Linear-SiLU-Linear MLP, §3.1 "Neural Field", Eqs. 8, 10; RMSNorm, residual: official).
+#                    (the paper's Linear-SiLU-Linear MLP, §3.1 "Neural Field", Eqs. 8, 10; RMSNorm, residual:
+#                    official).
 #   4. output:       RMSNorm(F) -> Linear(F -> 3), zero-initialised, gives the pixel's velocity (Eq. 11).
 # All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches. For the
 # paper's configs (F=64: §4.2, Fig. 7b; M=128: official, not in the paper) each patch's predicted MLP has
@@ -578,8 +579,9 @@ DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, used by all four papers): box-halve while the short side is >= 2*size,
-    bicubic-resize the short side to `size`, take the center. PIL image -> (size, size, 3) uint8."""
+    """ADM center crop (guided-diffusion's center_crop_arr, as in the official JiT, PixNerd and DeCo loaders): halve
+    with a box filter while the short side is >= 2*size, bicubic-resize it to `size`, take the center.
+    PIL image -> (size, size, 3) uint8."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
