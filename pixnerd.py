@@ -569,6 +569,9 @@ def unpatchify(x, p):                                       # (B, N, C*p*p) -> (
 # ---------------------------------------------------------------------------------------------------------------
 # ---- 7. Data (ADM center crop, no flip: official src/data/dataset/imagenet.py, PixImageNet; `shapes`: appendix) ----
 # ---------------------------------------------------------------------------------------------------------------
+# The standard parts: data, training, checkpoints, command line. A helper here has the same code in every
+# script that has it (test_all.py's SHARED lists them), except this paper's recipe: lr_at, model_kwargs, build,
+# train_step, split_w13_adam_state, the presets, get_args and main.
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
     "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
