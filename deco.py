@@ -1214,7 +1214,7 @@ class StopSignals:
 # What `--data NAME` means: the training defaults we use for it (any flag overrides them). The paper trains with a
 # constant lr 1e-4 at batch 256 (Tab. 5, App. B.1-B.2). A folder that is not one of these names gets FOLDER_DEFAULTS.
 # DIFF: for the built-in shapes demo we use lr 2e-4 (small model, 10k steps) so the run moves visibly
-# (LAPTOP_PRESET: lr 4e-3 for its 1100 steps); ffhq128 and imagenet keep the paper's 1e-4.
+# (LAPTOP_PRESET: lr 4e-3 for its 1100 steps); ffhq128 and imagenet keep the paper's 1e-4 (App. B.1).
 DATA_PRESETS = {
     "shapes": dict(img_size=64, config="DeCo-S/8", batch_size=128, steps=10_000, lr=2e-4,
                    sample_every=1000, ckpt_every=1000),
