@@ -380,7 +380,8 @@ def flow_loss(model, x, y, num_classes, shift=1.0, encoder=None, repa_weight=REP
 
 
 def repa_loss(h, target):
-    """REPA: mean over tokens and batch of 1 - cos(projected feature, encoder feature); h, target: (B, L, 768)."""
+    """REPA (Yu et al. 2024): mean over tokens and batch of 1 - cos(projected hidden state, frozen encoder feature);
+    h, target: (B, L, 768). Zero when every projected token points the same way as its target."""
     return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
 
 
@@ -789,7 +790,7 @@ def default_workers():
 # ---- 8. Training (official c2i/configs/pix256_xl.yaml, c2i/src/lightning.py; lr drop: the paper's ImageNet setup) ----
 # ---------------------------------------------------------------------------------------------------------------
 class EMA:
-    """Exponential moving average of the weights, one fused _foreach op per step.
+    """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed 0.9999 from step 0; we warm it up, decay_k = min(decay, (1+k)/(10+k))
     (TensorFlow's num_updates rule): the official 0.9999 (pix256_xl.yaml ema_tracker decay) after ~90k of its 1.6M
     steps (max_steps), while a user's 10k-step run gets grids of its weights, not of the random init.
@@ -961,9 +962,8 @@ def plot_loss(log, path, size=(720, 360)):
 
 
 def draw_grid(model, y, noise, step, args, run, bar):
-    """RUN/grid_STEP.png: the EMA model's samples with the official sampler settings (sampler_defaults) from fixed
-    noise and labels (column c is class c, so successive grids compare), and RUN/loss.png redrawn. A grid takes a
-    minute on a CPU."""
+    """RUN/grid_STEP.png: the EMA model's samples (sampler_defaults; --sample-steps, --cfg override it) of fixed noise
+    and labels (column c is class c, so successive grids compare), and RUN/loss.png redrawn."""
     t0, path = time.time(), run / f"grid_{step:07d}.png"
     bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
     save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)

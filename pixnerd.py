@@ -292,8 +292,8 @@ def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
 
 
 def repa_loss(h, target):
-    """REPA (Yu et al. 2024): mean over patches and batch of 1 - cos(projected hidden state, encoder feature).
-    h, target: (B, N, E). Zero when every projected token points in the same direction as its target."""
+    """REPA (Yu et al. 2024): mean over tokens and batch of 1 - cos(projected hidden state, frozen encoder feature);
+    h, target: (B, L, 768). Zero when every projected token points the same way as its target."""
     return (1 - F.cosine_similarity(h.float(), target.float(), dim=-1)).mean()
 
 
@@ -891,8 +891,8 @@ def plot_loss(log, path, size=(720, 360)):
 
 
 def draw_grid(model, y, noise, step, args, run, bar):
-    """RUN/grid_STEP.png: the EMA model's samples with the paper's sampler from fixed noise and labels (column c is
-    class c, so successive grids compare), and RUN/loss.png redrawn. A grid takes a minute on a CPU."""
+    """RUN/grid_STEP.png: the EMA model's samples (sampler_defaults; --sample-steps, --cfg override it) of fixed noise
+    and labels (column c is class c, so successive grids compare), and RUN/loss.png redrawn."""
     t0, path = time.time(), run / f"grid_{step:07d}.png"
     bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
     save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)
