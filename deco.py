@@ -382,7 +382,8 @@ def v_to_x(v, z, t):
 
 
 def x_to_v(x_pred, z, t):
-    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (weight capped at 20)."""
+    """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (weight capped at 20).
+    Our loss and sampler predict v and never need this direction: it is here for converting an x-prediction."""
     return (x_pred - z) / (1 - _bcast(t, z)).clamp_min(T_EPS)
 
 

@@ -264,7 +264,7 @@ def v_to_x(v, z, t):
 
 def x_to_v(x_pred, z, t):
     """v = (x - z) / max(1-t, T_EPS): the inverse of v_to_x away from t=1, finite at t=1 (weight capped at 20).
-    PixNerd predicts v, so its loss and sampler never need this direction; it is here as v_to_x's inverse."""
+    Our loss and sampler predict v and never need this direction: it is here for converting an x-prediction."""
     return (x_pred - z) / (1 - _bcast(t, z)).clamp_min(T_EPS)
 
 

@@ -86,12 +86,24 @@ SHARED = {
 }
 
 
+def doc_of(mod, name):
+    """The docstring of mod.NAME with the script's own name replaced, so "jit.py" and "deco.py" read the same."""
+    obj = mod
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return re.sub(rf"\b{mod.SCRIPT}\b", "SCRIPT", inspect.getdoc(obj) or "")
+
+
 @pytest.mark.parametrize("group", list(SHARED))
 def test_shared_helpers_read_the_same_in_every_file(group):
+    """Their code is the same; so are their docstrings, unless one holds a DIFF: (the paper's code differs)."""
     mods, names = SHARED[group]
     for name in names:
         codes = {m.SCRIPT: code_of(m, name) for m in mods}
         assert len(set(codes.values())) == 1, f"{name} differs between {', '.join(codes)}"
+        docs = {m.SCRIPT: doc_of(m, name) for m in mods}
+        if not any("DIFF:" in d for d in docs.values()):
+            assert len(set(docs.values())) == 1, f"the docstring of {name} differs between {', '.join(docs)}"
 
 
 @by_script
