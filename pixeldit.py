@@ -1,7 +1,7 @@
 """
 PixelDiT: "PixelDiT: Pixel Diffusion Transformers for Image Generation" (Yu et al., NVIDIA, arXiv 2511.20645)
 
-A diffusion transformer on raw pixels, no autoencoder, in two levels (the paper's "dual-level design", abstract):
+A diffusion transformer on raw pixels, no autoencoder, in two levels (§3.1, Fig. 2: its "dual-level design"):
   1. a PATCH-level DiT on 16x16 patches models the global layout (one token per patch, as a latent DiT would);
   2. a shallow PIXEL-level transformer (PiT blocks, a 16-dim token for EVERY pixel) refines the texture.
 The PiT block joins them: "pixel-wise AdaLN" expands each patch token into p*p distinct shift/scale/gate sets (one
@@ -25,9 +25,9 @@ settings in c2i/configs/pix256_xl.yaml (pix512_xl.yaml at 512px), evaluation set
 parameter names follow pixdit_core/pixeldit_c2i.py, so a released checkpoint's "ema_denoiser." weights load into
 create_model(...) after stripping that prefix.
 Differences from the official code: grep "DIFF:".
-Citations: "official FILE: key" is a file and key of that code. The paper is cited by the names it gives its parts
-and by its table and figure captions, not by section, table or figure numbers (they differ between its arXiv v1
-and v2); words quoted from its abstract are from arXiv v1.
+Citations: "official FILE: key" is a file and key of that code; §, Eq., Tab. and Fig. are those of the paper's
+arXiv v2 (v1 numbers its tables and figures differently), with a table's or figure's caption words where they help
+find it.
 """
 
 import argparse
@@ -76,27 +76,26 @@ CONFIGS = {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 2. The paper's new part: the PiT block (pixel-wise AdaLN + pixel token compaction) ----
+# ---- 2. The paper's new part: the PiT block (§3.2: pixel-wise AdaLN + pixel token compaction) ----
 # ---------------------------------------------------------------------------------------------------------------
 # The pixel level keeps one c-dim token per pixel, grouped by patch: x is (B, L, P, c), token [b, l, i*p + j] is
 # pixel (i, j) of patch l. Its only view of the class and the global layout is s_cond (B, L, D), one vector per
-# patch, computed by the patch-level DiT (PixelDiT.forward). A PiT block (the right half of the paper's figure
-# "Overview of PixelDiT: a dual-level, fully transformer-based diffusion architecture ...") does, per pixel:
+# patch, computed by the patch-level DiT (PixelDiT.forward). A PiT block (the right half of Fig. 2, "Overview of
+# PixelDiT: a dual-level, fully transformer-based diffusion architecture ...") does, per pixel:
 #
 #     shift1, scale1, gate1, shift2, scale2, gate2 = Linear(D -> 6*P*c)(s_cond)    # (B, L, P, c) each
 #     x = x + gate1 * Expand(Attn(Compress(RMSNorm(x) * (1 + scale1) + shift1)))   # token compaction
 #     x = x + gate2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)                      # per-pixel MLP
 #
-# Pixel-wise AdaLN (the paper's "pixel-wise AdaLN modulation", design C of its schematic of the designs A-C):
+# Pixel-wise AdaLN (§3.2, "pixel-wise AdaLN modulation"; design C of Fig. 3, which draws the designs A-C):
 # DiT's AdaLN gives ALL tokens of an image one (shift, scale, gate); a patch-wise AdaLN would give all P pixels of a
 # patch one set. Here each pixel gets its OWN c-vector of each, so the patch level can paint detail inside its patch
-# (the paper's ablation table "Ablations of PixelDiT-XL on ImageNet 256x256", at 80 epochs: patch-wise 3.50 ->
-# pixel-wise 2.36 gFID).
-# Pixel token compaction (the paper's term): attention over all H*W pixel tokens costs O((H*W)^2) (65,536 tokens
-# at 256px: in that ablation table the dual-level model without compaction is "OOM"). Compress flattens the P
-# modulated pixel tokens of a patch (P*c = 4096 for p=16, c=16) and maps them by a Linear to ONE token of width D;
-# attention then mixes the L patch tokens (256 at 256px) with the patch level's qk-norm and RoPE; Expand maps each
-# result back to P*c, one c-vector per pixel.
+# (Tab. 5, "Ablations of PixelDiT-XL on ImageNet 256x256", at 80 epochs: patch-wise 3.50 -> pixel-wise 2.36 gFID).
+# Pixel token compaction (§3.2): attention over all H*W pixel tokens costs O((H*W)^2) (65,536 tokens at 256px:
+# in Tab. 5 the dual-level model without compaction is "OOM"). Compress flattens the P modulated pixel tokens of a
+# patch (P*c = 4096 for p=16, c=16) and maps them by a Linear to ONE token of width D; attention then mixes the L
+# patch tokens (256 at 256px) with the patch level's qk-norm and RoPE; Expand maps each result back to P*c, one
+# c-vector per pixel.
 
 
 class PiTBlock(nn.Module):
@@ -204,7 +203,7 @@ class FinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 3. The model: patch-level DiT -> s_cond -> pixel-level PiT blocks (the paper's dual-level design) ----
+# ---- 3. The model: patch-level DiT -> s_cond -> pixel-level PiT blocks (§3.1, Fig. 2: the dual-level design) ----
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -223,8 +222,8 @@ class PixelDiT(nn.Module):
         self.config, self.img_size, self.num_classes = config, img_size, num_classes
         self.patch, self.repa_layer, self.post_modulation, self.repa_dim = patch, repa_layer, post_modulation, repa_dim
         h = img_size // patch                                              # patch grid side
-        # ---- patch level. No absolute position embedding: positions enter only through RoPE (the paper's
-        # ablation table, named above PiTBlock: RoPE and RMSNorm take its "Vanilla DiT/16" from 9.84 to 8.53 gFID).
+        # ---- patch level. No absolute position embedding: positions enter only through RoPE (Tab. 5:
+        # RoPE and RMSNorm take its "Vanilla DiT/16" from 9.84 to 8.53 gFID at 80 epochs).
         self.s_embedder = PatchEmbedder(patch, width)
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = LabelEmbedder(num_classes, width)
@@ -369,7 +368,7 @@ def flow_loss(model, x, y, num_classes, shift=1.0, encoder=None, repa_weight=REP
     if encoder is None:
         v, repa = model(z, t, y), torch.zeros((), device=x.device)
     else:
-        # REPA (Yu et al. 2024, "Representation Alignment"; in the paper's objective, official REPATrainer): align
+        # REPA (Yu et al. 2024, "Representation Alignment"; the paper's objective, §3.3; official REPATrainer): align
         # the patch-level feature of the NOISY input to the frozen encoder's feature of the CLEAN image, token by
         # token, by cosine similarity.
         v, h = model(z, t, y, return_repa=True)                        # (B, 3, H, W), (B, L, 768)
@@ -788,7 +787,7 @@ def default_workers():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- 8. Training (official c2i/configs/pix256_xl.yaml, c2i/src/lightning.py; lr drop: the paper's ImageNet setup) ----
+# ---- 8. Training (official c2i/configs/pix256_xl.yaml, c2i/src/lightning.py; lr drop: paper §4.1) ----
 # ---------------------------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
@@ -816,7 +815,7 @@ def unwrap(model):
 
 def lr_at(step, args):
     """A constant lr (official pix256_xl.yaml: AdamW lr 1e-4 and no lr scheduler, so no warmup), divided by 10 after
-    160 epochs in the ImageNet run (the paper's ImageNet training setup; --lr-drop-epoch, which main() turns into
+    160 epochs in the ImageNet run (paper §4.1, implementation details; --lr-drop-epoch, which main() turns into
     args.lr_drop_steps)."""
     # DIFF: the official trainer has no lr schedule; the drop is made by hand, resuming with override_lr_on_resume.
     drop = args.lr_drop_steps is not None and step > args.lr_drop_steps
@@ -1221,7 +1220,7 @@ DATA_PRESETS = {
     "ffhq128": dict(img_size=128, config="PixelDiT-B/16", batch_size=128, steps=200_000, lr=1e-4,
                     sample_every=5000, ckpt_every=5000, unconditional=True),  # its 1000-image folders aren't classes
     # ImageNet-256 as official pix256_xl.yaml: XL/16, batch 256 (32 x 8 GPUs), max_steps 1.6M = 320 epochs, lr 1e-4,
-    # REPA on; and the paper's lr drop to 1e-5 after 160 epochs (its ImageNet training setup).
+    # REPA on; and the paper's lr drop to 1e-5 after 160 epochs (§4.1).
     "imagenet": dict(img_size=256, config="PixelDiT-XL/16", batch_size=256, steps=1_600_000, lr=1e-4,
                      lr_drop_epoch=160, repa=True, sample_every=10_000, ckpt_every=10_000),
 }
@@ -1260,7 +1259,7 @@ def get_args(argv=None):
     g.add_argument("--dinov2-path", help="local clone of facebookresearch/dinov2, for --repa without network")
     g = p.add_argument_group("optimisation (official c2i/configs/pix256_xl.yaml)")
     g.add_argument("--lr", type=float, default=2e-4, help="learning rate (official: 1e-4 at batch 256)")
-    g.add_argument("--lr-drop-epoch", type=float, help="divide the lr by 10 after this many epochs (paper: 160)")
+    g.add_argument("--lr-drop-epoch", type=float, help="divide the lr by 10 after this many epochs (paper §4.1: 160)")
     g.add_argument("--grad-clip", type=float, help="max global gradient norm (default: 1.0, 0.5 from 512px: official)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (official: 0.9999), reached after a warmup")
     g = p.add_argument_group("sample grids")
@@ -1397,7 +1396,7 @@ def main(argv=None, encoder=None):
     num_classes = len(dataset.classes)
     if len(dataset) < args.batch_size:
         raise SystemExit(f"{len(dataset)} images is fewer than one batch ({args.batch_size}); lower --batch-size.")
-    if args.lr_drop_epoch is not None:                  # the paper's ImageNet setup: 1e-4 -> 1e-5 at 160 ep
+    if args.lr_drop_epoch is not None:                  # paper §4.1 (ImageNet): 1e-4 -> 1e-5 at 160 ep
         args.lr_drop_steps = int(args.lr_drop_epoch * (len(dataset) // args.batch_size))
     run = Path(args.out)
     if rank == 0:                                       # from here on, this process owns the run folder
