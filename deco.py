@@ -79,9 +79,10 @@ CONFIGS = {
     # at block 4 (about 1/3 of the depth, like 8 of 22). 33M params with 8 classes.
     "DeCo-S/8": dict(depth=12, width=384, heads=6, patch=8, dec_depth=3, dec_width=32, repa_layer=4,
                      label_drop=0.1),
-    # Ours, not in the paper: the laptop preset's model (LAPTOP_PRESET: 32px shapes in minutes on a CPU); 8x8.
+    # Ours, not in the paper: the laptop preset's model (LAPTOP_PRESET: 32px shapes in minutes on a CPU); patch 8,
+    # so 4 x 4 tokens at 32px.
     "DeCo-T": dict(depth=6, width=192, heads=4, patch=8, dec_depth=2, dec_width=16, repa_layer=2, label_drop=0.1),
-    # Tests only: a forward+backward at 32px takes a few ms on a CPU.
+    # For the tests only: one forward+backward at 32px in milliseconds on a CPU.
     "tiny": dict(depth=2, width=64, heads=2, patch=8, dec_depth=2, dec_width=16, repa_layer=1, label_drop=0.1),
 }
 MODEL_KEYS = ("depth", "width", "heads", "patch", "dec_depth", "dec_width", "repa_layer")  # -> DeCo(...)
@@ -93,18 +94,20 @@ MODEL_KEYS = ("depth", "width", "heads", "patch", "dec_depth", "dec_width", "rep
 # The decoder is the point of the paper. Step by step, for each of the N patches (all B*N patches at once):
 #   a. Every pixel becomes a token: its noisy RGB value plus 64 patch-local "DCT" position features (the cosine
 #      basis below; it tells the pixel where it sits inside its patch) -> Linear(67 -> d) -> Linear(d -> d)
-#      (§3.2 "Dense Query Construction", Eq. 7).
-#   b. The DiT output of the patch, s (one D-vector), is "up-sampled" by ONE linear map D -> P*d and cut into
-#      P vectors of width d: every pixel gets its own condition vector (§3.2 "Decoder Block": "linearly upsampled
-#      and reshaped to match the spatial resolution of xt").
+#      (§3.2 "Dense Query Construction", Eq. 7; paper vs code: Eq. 7 has one W_in, the code these two Linears).
+#   b. The DiT output of the patch, s = SiLU(x_low + t) (one D-vector), is "up-sampled" by ONE linear map D -> P*d
+#      and cut into P vectors of width d: every pixel gets its own condition vector (§3.2 "Decoder Block":
+#      "linearly upsampled and reshaped to match the spatial resolution of xt").
 #   c. 3 attention-free blocks, each a per-pixel MLP with per-pixel AdaLN from that condition (§3.2, Eqs. 8-9):
 #         (shift, scale, gate) = Linear(d -> 3d)(SiLU(cond_pixel))
 #         x = x + gate * MLP(LayerNorm(x) * (1 + scale) + shift),   MLP = Linear(d, d), SiLU, Linear(d, d)
+#      Paper vs code: Eq. 8 adds t after the up-sampling, MLP(SiLU(up(x_low) + t)); the code adds it before,
+#      Linear(SiLU(up(SiLU(x_low + t)))), with (b)'s up-sampling shared by the blocks. We follow the code.
 #   d. LayerNorm (no affine) -> Linear(d -> 3) gives the pixel's velocity; fold the patches back into the image.
 # No operation mixes pixels: every op is per pixel except (b), which only reads the pixel's own patch token.
 # So pixels of different patches never interact inside the decoder (tested), and the decoder costs ~7 GFLOPs per
 # 256px image. This per-pixel decoder is the paper's decoder patch size 1 (Tab. 4(c), App. B.1); the official
-# yaml's decoder "patch_size" only sizes step (b) (Zehong-Ma/DeCo#1, #6).
+# SimpleMLPAdaLN's `patch_size` (the DiT's 16) only sizes step (b) (Zehong-Ma/DeCo#1, #6).
 class PixelDecoder(nn.Module):
     """Noisy patches zp (B, N, C*P) + DiT condition s (B, N, D) -> velocity patches (B, N, C*P), channel-major."""
 
@@ -216,8 +219,9 @@ def jpeg_table(base, quality):                                          # -> (K,
     """libjpeg's quality scaling as the official code writes it: scale = 5000/q (q < 50) or 200 - 2q, then
     Q = clamp(floor((base * scale + 50) / 100), 1, 255). At q = 85: scale 30, e.g. 16 -> floor(5.3) = 5.
     Note: the paper's Eq. 11 (§3.3), Qcur = max(1, floor((Qbase * (100 - q) + 25) / 50)), rounds the same way for
-    50 <= q <= 100, the range it is given for, and its Fig. 8 tables at q = 85 are these (luma 12 -> 4, 58 -> 17).
-    We follow the code. (For q < 50 it keeps 5000/q as a float where libjpeg divides integers.)"""
+    50 <= q <= 100, the range it is given for. Its Fig. 8 chroma table at q = 85 is this one; its luma table is 1
+    lower at 12 entries (base 55: 16 there, 17 here). We follow the code and Eq. 11. (For q < 50 it keeps 5000/q
+    as a float where libjpeg divides integers.)"""
     q = max(1, min(100, int(quality)))
     scale = 5000 / q if q < 50 else 200 - 2 * q
     return torch.floor((torch.tensor(base, dtype=torch.float64) * scale + 50) / 100).clamp(1, 255)
@@ -517,8 +521,8 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
     (sampler_defaults; App. B.2, Tab. 5). Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler
     returns raw values and clamps when converting to uint8: the same PNGs).
     Heun follows the official HeunSampler with its default exact_henu=False: after the first step, the corrector
-    evaluation v(z_hat, t_next) is reused as the next step's predictor, so Heun costs one model call per step (plus
-    one at the start); the last step is Euler."""
+    evaluation v(z_hat, t_next) is reused as the next step's predictor, so Heun costs `steps` model calls in all:
+    one at the start, then one corrector per step but the last, which is Euler."""
     d = sampler_defaults(model.config, model.img_size)
     steps = steps or d["steps"]
     cfg = d["cfg"] if cfg is None else cfg
@@ -801,8 +805,8 @@ class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official code uses a fixed decay 0.9999 (the paper's, Tab. 5) from step 0; we use the warmup
     decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage). For
-    the paper's 1.6M-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999 would
-    still be mostly the random init, and the sample grids would show noise.
+    the paper's 1.6M-step runs this is 0.9999 after ~90k steps, while a fixed 0.9999 would still give the random
+    init a weight of 0.9999^10000 = 37% after a user's 10k steps.
     warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run: --init-from,
     as the official 512px run continues its 256px EMA at 0.9999)."""
 
@@ -1273,10 +1277,14 @@ def get_args(argv=None):
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+    """--help prints every default. A default of None means "derived": the flag's help says from what, in a closing
+    "(default: RULE)", which a value set by a preset or a resumed checkpoint replaces."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        rule = action.help.find(" (default:")
+        return super()._get_help_string(action) if rule < 0 else action.help[:rule] + " (default: %(default)s)"
 
 
 def add_run_flags(p):

@@ -603,8 +603,8 @@ class EMA:
     DIFF: the official code keeps two EMAs (0.9999 and 0.9996) from step 0 (the paper picks per model among
     0.9996/0.9998/0.9999, App. A); we keep one, with the warmup decay_k = min(decay, (1 + k) / (10 + k)) (the
     num_updates rule of TensorFlow's ExponentialMovingAverage). For the paper's 750k-step runs this is 0.9999
-    after ~90k steps; for a user's 10k-step run a fixed 0.9999 would still be mostly the random init, and the
-    sample grids would show noise (EMA decay is a known reproduction pitfall: LTH14/JiT#42, #56).
+    after ~90k steps, while a fixed 0.9999 would still give the random init a weight of 0.9999^10000 = 37% after a
+    user's 10k steps (EMA decay is a known reproduction pitfall: LTH14/JiT#42, #56).
     warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run)."""
 
     def __init__(self, model, decay, warmup=True):
@@ -1076,10 +1076,14 @@ def get_args(argv=None):
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+    """--help prints every default. A default of None means "derived": the flag's help says from what, in a closing
+    "(default: RULE)", which a value set by a preset or a resumed checkpoint replaces."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        rule = action.help.find(" (default:")
+        return super()._get_help_string(action) if rule < 0 else action.help[:rule] + " (default: %(default)s)"
 
 
 def add_run_flags(p):

@@ -793,7 +793,8 @@ class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed 0.9999 from step 0; we warm it up, decay_k = min(decay, (1+k)/(10+k))
     (TensorFlow's num_updates rule): the official 0.9999 (pix256_xl.yaml ema_tracker decay) after ~90k of its 1.6M
-    steps (max_steps), while a user's 10k-step run gets grids of its weights, not of the random init.
+    steps (max_steps), while a fixed 0.9999 would still give the random init a weight of 0.9999^10000 = 37% after a
+    user's 10k steps.
     warmup=False: the fixed decay (an EMA loaded by --init-from)."""
 
     def __init__(self, model, decay, warmup=True):
@@ -1274,10 +1275,14 @@ def get_args(argv=None):
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+    """--help prints every default. A default of None means "derived": the flag's help says from what, in a closing
+    "(default: RULE)", which a value set by a preset or a resumed checkpoint replaces."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        rule = action.help.find(" (default:")
+        return super()._get_help_string(action) if rule < 0 else action.help[:rule] + " (default: %(default)s)"
 
 
 def add_run_flags(p):

@@ -700,8 +700,8 @@ class EMA:
     """Exponential moving average of the weights, updated in place with one fused _foreach op per step.
     DIFF: the official SimpleEMA uses a fixed decay 0.9999 (paper §4.4: "EMA with 0.9999") from step 0; we use the
     warmup decay_k = min(decay, (1 + k) / (10 + k)) (the num_updates rule of TensorFlow's ExponentialMovingAverage).
-    For the official 800k-step runs this is 0.9999 after ~90k steps; for a user's 10k-step run a fixed 0.9999
-    would still be mostly the random init, and the sample grids would show noise.
+    For the official 800k-step runs this is 0.9999 after ~90k steps, while a fixed 0.9999 would still give the
+    random init a weight of 0.9999^10000 = 37% after a user's 10k steps.
     warmup=False: the fixed decay from the first update (to continue an EMA loaded from another run)."""
 
     def __init__(self, model, decay, warmup=True):
@@ -1192,10 +1192,14 @@ def get_args(argv=None):
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help prints every default; a default of None means "derived", and the flag's help says from what."""
+    """--help prints every default. A default of None means "derived": the flag's help says from what, in a closing
+    "(default: RULE)", which a value set by a preset or a resumed checkpoint replaces."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        rule = action.help.find(" (default:")
+        return super()._get_help_string(action) if rule < 0 else action.help[:rule] + " (default: %(default)s)"
 
 
 def add_run_flags(p):

@@ -212,6 +212,21 @@ def test_laptop_preset_is_chosen_only_on_cpu_for_shapes_without_config_or_size(m
 
 
 @by_script
+def test_help_prints_the_value_a_flag_will_take_or_the_rule_it_is_derived_by(mod, capsys):
+    """--help on this CPU shows the laptop preset's values, and where no preset sets a derived flag (--config given)
+    the rule it follows; never "(default: None)", never a rule and a value side by side."""
+    laptop = rf"\(default: {mod.LAPTOP_PRESET['sample_steps']}\)"          # a value
+    for flags, steps in (([], laptop), (["--config", "tiny"], r"\(default: [a-z]")):   # a value; a rule in words
+        with pytest.raises(SystemExit) as exit_:
+            mod.get_args(flags + ["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert exit_.value.code == 0 and "default: None" not in out
+        assert not re.search(r"default:[^)]*\) \(default:", out)               # a rule, then a value: one must go
+        assert re.search("--sample-steps SAMPLE_STEPS sampler steps of the grids " + steps, out)
+        assert f"--batch-size BATCH_SIZE GLOBAL batch size, split over the GPUs (default: " in out
+
+
+@by_script
 def test_laptop_config_learns_a_fixed_batch_in_a_few_dozen_steps(mod):
     """The laptop preset's model and lr on one fixed batch of 4 shapes: 40 steps cut the loss by at least 40% (by
     50-61% on our CPU)."""
