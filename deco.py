@@ -897,9 +897,10 @@ def micro_batches(model, x, y, k):
 
 
 class LossLog:
-    """The run's record: loss terms summed on the device and read every --log-every steps, the only host sync (an
-    .item() per step would stall the GPU queue). Each reading is a line of RUN/log.jsonl; a non-finite one stops the
-    run before anything is saved. first, start: where and when this process started training."""
+    """The run's record: loss terms summed on the device and read every --log-every steps, the loop's one host sync
+    besides checkpoints and grids (an .item() per step would stall the GPU queue). Each reading is a line of
+    RUN/log.jsonl; a non-finite one stops the run before anything is saved. first, start: where and when this
+    process started training."""
 
     def __init__(self, run, args, world, rank, step):
         self.path, self.args, self.world, self.rank = run / "log.jsonl", args, world, rank
@@ -1232,9 +1233,9 @@ DATA_PRESETS = {
                      sample_every=10_000, ckpt_every=10_000),
 }
 # `--data shapes` with no GPU (and no --config / --img-size): DeCo-T at 32px, 1100 steps of 32 images, 4.1 min on our
-# 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: at 2e-3 the grids followed
-# their classes less often. 50-step grids (half the paper's 100, App. B.2). No loader worker: the shapes are drawn in
-# the training process (about 0.4 ms an image), torch keeps both cores.
+# 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: ours, for this short run.
+# 50-step grids (half the paper's 100, App. B.2). No loader worker: the shapes are drawn in the training process, and
+# torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="DeCo-T", batch_size=32, steps=1100, lr=4e-3,
                      sample_every=550, sample_steps=50, ckpt_every=550, log_every=50, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="DeCo-L/16", batch_size=128, steps=200_000, lr=1e-4,
@@ -1268,7 +1269,8 @@ def get_args(argv=None):
     g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (paper: 1e-4)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, reached after a warmup")
     g = p.add_argument_group("sample grids")
-    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.2 at 256)")
+    g.add_argument("--cfg", type=float,
+                   help="CFG scale of the grids, none on one-class data (default: the paper's, 3.2 at 256)")
     g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
     args = resolve_args(add_run_flags(p), argv)
     if args.label_drop is None:                         # the config's: 0.1, 0.2 for XL (official yamls)
@@ -1303,7 +1305,7 @@ def add_run_flags(p):
     g.add_argument("--keep-every", type=int, default=0, help="also keep a weights-only snapshot ckpt_STEP.pt every N "
                    "steps, for sample.py (0: none)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
-    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (host syncs)")
     g = p.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
     g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")

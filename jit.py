@@ -699,9 +699,10 @@ def micro_batches(model, x, y, k):
 
 
 class LossLog:
-    """The run's record: loss terms summed on the device and read every --log-every steps, the only host sync (an
-    .item() per step would stall the GPU queue). Each reading is a line of RUN/log.jsonl; a non-finite one stops the
-    run before anything is saved. first, start: where and when this process started training."""
+    """The run's record: loss terms summed on the device and read every --log-every steps, the loop's one host sync
+    besides checkpoints and grids (an .item() per step would stall the GPU queue). Each reading is a line of
+    RUN/log.jsonl; a non-finite one stops the run before anything is saved. first, start: where and when this
+    process started training."""
 
     def __init__(self, run, args, world, rank, step):
         self.path, self.args, self.world, self.rank = run / "log.jsonl", args, world, rank
@@ -1034,8 +1035,7 @@ DATA_PRESETS = {
 }
 # `--data shapes` with no GPU (and no --config / --img-size): JiT-T at 32px, 600 steps of 64 images, 4.1 min on our
 # 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). Its grids use Heun-25 (half the paper's
-# 50 steps: 10 s a grid). No loader worker: the shapes are drawn in the training process (about 0.4 ms an image),
-# torch keeps both cores.
+# 50 steps). No loader worker: the shapes are drawn in the training process, and torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="JiT-T", batch_size=64, steps=600, lr=2e-3, warmup_epochs=0.2,
                      sample_every=300, sample_steps=25, ckpt_every=300, log_every=25, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="JiT-B/16", batch_size=128, steps=200_000, blr=5e-5,
@@ -1067,7 +1067,8 @@ def get_args(argv=None):
     g.add_argument("--warmup-epochs", type=float, default=5.0, help="linear lr warmup, in epochs")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, reached after a warmup")
     g = p.add_argument_group("sample grids")
-    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's for the config)")
+    g.add_argument("--cfg", type=float,
+                   help="CFG scale of the grids, none on one-class data (default: the paper's for the config)")
     g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 50 Heun)")
     g.add_argument("--toy", action="store_true", help="run the paper's toy experiment (§3.3, Fig. 2) and exit")
     args = resolve_args(add_run_flags(p), argv)
@@ -1102,7 +1103,7 @@ def add_run_flags(p):
     g.add_argument("--keep-every", type=int, default=0, help="also keep a weights-only snapshot ckpt_STEP.pt every N "
                    "steps, for sample.py (0: none)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
-    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (host syncs)")
     g = p.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
     g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")

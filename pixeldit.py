@@ -117,7 +117,8 @@ class PiTBlock(nn.Module):
         self.norm2 = RMSNorm(pixel_dim)
         self.mlp = PixelMLP(pixel_dim)
         n_mod = 4 if post_modulation else 6
-        # nn.Sequential around one Linear only for the official key "adaLN_modulation.0"; zero-init (identity block).
+        # nn.Sequential around one Linear only for the official key "adaLN_modulation.0". Zero-init: with
+        # pre-modulation the gates start at 0, so the block starts as the identity (post-modulation has no gates).
         self.adaLN_modulation = nn.Sequential(nn.Linear(dim, n_mod * P * pixel_dim))
 
     def forward(self, x, s_cond, cos, sin):                     # x: (B, L, P, c), s_cond: (B, L, D)
@@ -358,8 +359,9 @@ def sample_t(n, device, shift=1.0):
 
 def flow_loss(model, x, y, num_classes, shift=1.0, encoder=None, repa_weight=REPA_WEIGHT):
     """The training objective: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns (loss, terms):
-    loss = MSE(v_pred, x - e) + repa_weight * mean(1 - cos(proj(h_8), DINOv2(x))), the REPA term only when an
-    encoder is given (load_dinov2: clean [0, 1] images -> (B, L, 768)); terms = dict(mse, repa), detached 0-dim."""
+    loss = MSE(v_pred, x - e) + repa_weight * mean(1 - cos(proj(h), DINOv2(x))), h the output of patch block
+    repa_layer (8 in the paper's configs); the REPA term only when an encoder is given (load_dinov2: clean [0, 1]
+    images -> (B, L, 768)); terms = dict(mse, repa), detached 0-dim."""
     B = x.shape[0]
     t = sample_t(B, x.device, shift)                                   # (B,)
     e = torch.randn_like(x)                                            # (B, 3, H, W)
@@ -395,7 +397,9 @@ def load_dinov2(device, patch, path=None):
     DIFF: the official wrapper resizes to 14 * H/16 whatever the patch size and average-pools the student's
     feature grid to the teacher's; we resize to 14 * H/p: identical at p = 16 (every config of the paper's table), and
     token-aligned without pooling for our configs with other patch sizes.
-    DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only)."""
+    DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only).
+    DIFF: the official wrapper casts DINOv2's weights and its features to bf16; we keep fp32 weights and run it under
+    the training step's autocast (bf16 matmuls on CUDA); repa_loss compares in fp32."""
     if path and not Path(path, "hubconf.py").is_file():
         raise SystemExit(f"--dinov2-path {path}: no hubconf.py there; pass a clone of "
                          "https://github.com/facebookresearch/dinov2, or train with --no-repa.")
@@ -439,7 +443,8 @@ def sampler_defaults(config, img_size):
 def time_grid(steps, shift):
     """The official sampling grid, in float32 as theirs: linspace(0, 1 - 1/steps, steps), then 1.0 (0, 0.01, ...,
     0.99, 1 for 100 steps): uniform steps of 1/steps. A Python list, so the CFG-interval test is decided on the
-    host, never a GPU sync. PixelDiT then applies the time shift to it: shift_t(grid, shift) (1 and 1.0 stay put)."""
+    host, never a GPU sync. PixelDiT then applies the time shift to it: shift_t(grid, shift) (t = 0 and t = 1 stay
+    put; shift 1 changes nothing)."""
     return shift_t(torch.cat([torch.linspace(0, 1 - 1 / steps, steps), torch.ones(1)]), shift).tolist()
 
 
@@ -475,8 +480,9 @@ def sample(model, y, steps=None, cfg=None, interval=None, solver=None, noise=Non
               shifted grid they are the official approximation and we keep them.
       "euler": z += dt * v.
       "heun":  Euler predictor + trapezoid corrector, 2 calls per step; the last step is Euler.
-               DIFF: the official HeunSampler (default exact_henu=False) reuses the corrector's velocity as the next
-               step's start (1 call per step after the first); ours is the textbook Heun (as in jit.py).
+               DIFF: the official HeunSampler (default exact_henu=False) reuses the corrector's velocity, taken at
+               the Euler-predicted point, as the next step's start (2 calls in the first step, then 1, none in the
+               last); ours is the textbook Heun (as in jit.py).
     Returns images (B, 3, H, W) clamped to [-1, 1] (the official sampler returns raw values and clamps when
     converting to uint8: the same PNGs). None arguments take the official evaluation settings (sampler_defaults);
     `noise` (B,3,H,W) overrides the starting noise."""
@@ -818,7 +824,8 @@ def lr_at(step, args):
     """A constant lr (official pix256_xl.yaml: AdamW lr 1e-4 and no lr scheduler, so no warmup), divided by 10 after
     160 epochs in the ImageNet run (paper §4.1, implementation details; --lr-drop-epoch, which main() turns into
     args.lr_drop_steps)."""
-    # DIFF: the official trainer has no lr schedule; the drop is made by hand, resuming with override_lr_on_resume.
+    # DIFF: the official trainer has no lr schedule; its override_lr_on_resume (c2i/src/lightning.py) can set a new
+    # lr when a run resumes.
     drop = args.lr_drop_steps is not None and step > args.lr_drop_steps
     return args.lr * (0.1 if drop else 1.0)
 
@@ -887,9 +894,10 @@ def micro_batches(model, x, y, k):
 
 
 class LossLog:
-    """The run's record: loss terms summed on the device and read every --log-every steps, the only host sync (an
-    .item() per step would stall the GPU queue). Each reading is a line of RUN/log.jsonl; a non-finite one stops the
-    run before anything is saved. first, start: where and when this process started training."""
+    """The run's record: loss terms summed on the device and read every --log-every steps, the loop's one host sync
+    besides checkpoints and grids (an .item() per step would stall the GPU queue). Each reading is a line of
+    RUN/log.jsonl; a non-finite one stops the run before anything is saved. first, start: where and when this
+    process started training."""
 
     def __init__(self, run, args, world, rank, step):
         self.path, self.args, self.world, self.rank = run / "log.jsonl", args, world, rank
@@ -1210,9 +1218,8 @@ class StopSignals:
 # What `--data NAME` means: the training defaults we use for it (any flag overrides them). A folder that is not one
 # of these names gets FOLDER_DEFAULTS. The official time shift (1 at 256px, 3 at 512px) and grad clip (1.0 / 0.5)
 # of pix256_xl.yaml / pix512_xl.yaml follow --img-size unless given (get_args).
-# DIFF: for the built-in shapes demo (ours) we use a small model and lr 2e-4 (official: 1e-4; the grad clip keeps
-# it safe) so a 10k-step run moves visibly (LAPTOP_PRESET: lr 4e-3 for its 800 steps); ffhq128 and
-# imagenet keep the official lr.
+# DIFF: for the built-in shapes demo (ours) we use a small model and lr 2e-4 (official: 1e-4), chosen for its short
+# 10k-step run (LAPTOP_PRESET: lr 4e-3 for its 800 steps); ffhq128 and imagenet keep the official lr.
 DATA_PRESETS = {
     "shapes": dict(img_size=64, config="PixelDiT-S/8", batch_size=128, steps=10_000, lr=2e-4,
                    sample_every=1000, ckpt_every=1000),
@@ -1226,9 +1233,9 @@ DATA_PRESETS = {
                      lr_drop_epoch=160, repa=True, sample_every=10_000, ckpt_every=10_000),
 }
 # `--data shapes` with no GPU (and no --config / --img-size): PixelDiT-T at 32px, 800 steps of 32 images, 4.4 min on
-# our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: at 2e-3 the grids followed
-# their classes less often. 50-step grids (half the official 100). No loader worker: the shapes are drawn in the
-# training process (about 0.4 ms an image), torch keeps both cores.
+# our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: ours, for this short run.
+# 50-step grids (half the official 100). No loader worker: the shapes are drawn in the training process, and torch
+# keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="PixelDiT-T", batch_size=32, steps=800, lr=4e-3,
                      sample_every=400, sample_steps=50, ckpt_every=400, log_every=50, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="PixelDiT-B/16", batch_size=128, steps=200_000, lr=1e-4,
@@ -1264,7 +1271,8 @@ def get_args(argv=None):
     g.add_argument("--grad-clip", type=float, help="max global gradient norm (default: 1.0, 0.5 from 512px: official)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (official: 0.9999), reached after a warmup")
     g = p.add_argument_group("sample grids")
-    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: official README, 3.25 at 256px)")
+    g.add_argument("--cfg", type=float,
+                   help="CFG scale of the grids, none on one-class data (default: official README, 3.25 at 256px)")
     g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: official README, 100 AB2)")
     args = resolve_args(add_run_flags(p), argv)
     args.shift = args.shift or default_shift(args.img_size)          # official: 1 at 256px, 3 at 512px
@@ -1301,7 +1309,7 @@ def add_run_flags(p):
     g.add_argument("--keep-every", type=int, default=0, help="also keep a weights-only snapshot ckpt_STEP.pt every N "
                    "steps, for sample.py (0: none)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
-    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (host syncs)")
     g = p.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
     g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")

@@ -101,7 +101,8 @@ REPA_DIM = 768  # width E of the DINOv2 ViT-B/14 patch tokens that REPA aligns t
 # All B*N patches run at once: the per-patch matrix products are torch.bmm over a batch of B*N patches. For the
 # paper's configs (F=64: §4.2, Fig. 7b; M=128: official, not in the paper) each patch's predicted MLP has
 # 2*64*128 = 16,384 weights, for 768 pixel values.
-NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs; Eq. 12 gives K no value): 8 x 8 = 64 features
+NERF_FREQS = 8      # DCT frequencies per axis (official max_freqs): 8 x 8 = 64 features. Eq. 12's K is also
+#                     §3.2's pixel-coordinate range i, j in (0, K), which would make it the patch side, 16.
 
 
 class NeuralField(nn.Module):
@@ -272,8 +273,9 @@ def flow_loss(model, x, y, num_classes, encoder=None, repa_weight=REPA_WEIGHT):
     """Training loss: x (B,3,H,W) in [-1,1], y (B,) class ids. Returns (loss, terms), terms = {"mse", "repa"}
     as detached 0-dim tensors (no host sync).
     MSE between the predicted and the true velocity v = x - e (mean over C, H, W and the batch), plus, when an
-    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected block-8 hidden state and the encoder's
-    patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1] images -> (B, N, E) (load_dinov2).
+    `encoder` is given (REPA), repa_weight * (1 - cos) between the projected hidden state of block repa_layer (8 in
+    the paper's configs) and the encoder's patch features of the CLEAN image x. `encoder`: a frozen callable, [0, 1]
+    images -> (B, N, E) (load_dinov2).
     With encoder=None this is the plain objective (repa term 0)."""
     B = x.shape[0]
     t = sample_t(B, x.device)                                           # (B,), fp32 (an official pitfall: bf16)
@@ -306,9 +308,9 @@ def load_dinov2(device, patch, path=None):
     patch 16). Loaded with torch.hub from GitHub (code and weights cached in $TORCH_HOME/hub), or from a local
     clone of facebookresearch/dinov2 (`path`, --dinov2-path; the weights still come from the hub cache). Any
     callable with this contract can stand in for it (the tests use a tiny one).
-    DIFF: the official wrapper resizes to 14 * H/16 whatever the patch size and truncates the tokens if the counts
-    differ; we resize to 14 * H/p: identical at p = 16 (every paper config), token-aligned for our configs with
-    other patch sizes.
+    DIFF: the official wrapper (encoder.py) resizes to 14 * H/16 whatever the patch size, and REPATrainer
+    (training_repa.py) truncates the projected tokens to DINOv2's count if they differ; we resize to 14 * H/p:
+    identical at p = 16 (every paper config), token-aligned for our configs with other patch sizes.
     DIFF: the official wrapper torch.compiles DINOv2; we run it eagerly (frozen, forward only)."""
     if path and not Path(path, "hubconf.py").is_file():
         raise SystemExit(f"--dinov2-path {path}: no hubconf.py there; pass a clone of "
@@ -341,7 +343,8 @@ def load_dinov2(device, patch, path=None):
 
 
 def sampler_defaults(config, img_size):
-    """The paper's sampler for every config and size: Euler, 100 steps (the Euler-100 rows of Tab. 2-3), CFG 3.5 on
+    """The official configs' sampler for every config and size (pix256std1_repa_pixnerd_{large,xl}.yaml: Euler,
+    num_steps 100; the paper reports Euler-100 for XL/16, Tab. 2-3, and Euler-50 for L/16, Tab. 2), CFG 3.5 on
     the velocity for 0.1 < t < 1 (§4.3, Fig. 7e; Tab. 2 and Tab. 3 captions; official guidance_interval_min/max),
     no time shift. At 512px the paper's own text differs: §4.4 gives the interval [0.3, 1.0], Tab. 3's caption
     [0.1, 1], which we use."""
@@ -815,9 +818,10 @@ def micro_batches(model, x, y, k):
 
 
 class LossLog:
-    """The run's record: loss terms summed on the device and read every --log-every steps, the only host sync (an
-    .item() per step would stall the GPU queue). Each reading is a line of RUN/log.jsonl; a non-finite one stops the
-    run before anything is saved. first, start: where and when this process started training."""
+    """The run's record: loss terms summed on the device and read every --log-every steps, the loop's one host sync
+    besides checkpoints and grids (an .item() per step would stall the GPU queue). Each reading is a line of
+    RUN/log.jsonl; a non-finite one stops the run before anything is saved. first, start: where and when this
+    process started training."""
 
     def __init__(self, run, args, world, rank, step):
         self.path, self.args, self.world, self.rank = run / "log.jsonl", args, world, rank
@@ -1152,9 +1156,9 @@ DATA_PRESETS = {
 }
 # imagenet's 800k steps of 256: ~160 epochs of ImageNet's 1.28M images, Tab. 2's "Epochs 160" (800k: not in the paper).
 # `--data shapes` with no GPU (and no --config / --img-size): PixNerd-T at 32px, 1000 steps of 32 images, 4.4 min on
-# our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: at 2e-3 the grids followed
-# their classes less often. 50-step grids (half the paper's 100, Tab. 2). No loader worker: the shapes are drawn in the
-# training process (about 0.4 ms an image), torch keeps both cores.
+# our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: ours, for this short run.
+# 50-step grids (half the paper's 100, Tab. 2). No loader worker: the shapes are drawn in the training process, and
+# torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="PixNerd-T", batch_size=32, steps=1000, lr=4e-3,
                      sample_every=500, sample_steps=50, ckpt_every=500, log_every=50, num_workers=0)
 FOLDER_DEFAULTS = dict(img_size=256, config="PixNerd-L/16", batch_size=256, steps=200_000, lr=1e-4,
@@ -1186,7 +1190,8 @@ def get_args(argv=None):
     g.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (official: 1e-4)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (paper: 0.9999), reached after a warmup")
     g = p.add_argument_group("sample grids")
-    g.add_argument("--cfg", type=float, help="CFG scale of the grids (default: the paper's, 3.5)")
+    g.add_argument("--cfg", type=float,
+                   help="CFG scale of the grids, none on one-class data (default: the paper's, 3.5)")
     g.add_argument("--sample-steps", type=int, help="sampler steps of the grids (default: the paper's, 100 Euler)")
     return resolve_args(add_run_flags(p), argv)
 
@@ -1218,7 +1223,7 @@ def add_run_flags(p):
     g.add_argument("--keep-every", type=int, default=0, help="also keep a weights-only snapshot ckpt_STEP.pt every N "
                    "steps, for sample.py (0: none)")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between EMA sample grids")
-    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (the only host syncs)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between loss readings (host syncs)")
     g = p.add_argument_group("system")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on CUDA)")
     g.add_argument("--precision", choices=["bf16", "fp32"], help="autocast dtype (default: bf16 on CUDA)")
