@@ -14,7 +14,7 @@ Shapes: B batch, C=3 channels, H=W image size, p patch, h=w=H/p patch grid, N=h*
     python jit.py                                        # built-in "shapes" data: JiT-S (no GPU: JiT-T, 4 min)
     python jit.py --data ffhq128                         # FFHQ 128x128 (see README for the download)
     torchrun --nproc_per_node=8 jit.py --data imagenet --config JiT-B/16     # the paper's ImageNet-256 run
-    python jit.py --data ffhq128 --config JiT-S --patch-size 8 --pred v      # one cell of the ablation (§4.2)
+    python jit.py --data ffhq128 --config JiT-S --patch-size 8 --pred v      # a cell of the FFHQ patch-size sweep
     python jit.py --toy                                  # the paper's toy experiment (Fig. 2), CPU
     python sample.py runs/jit-shapes --grid grid.png     # sample a checkpoint (sample.py)
 
@@ -74,8 +74,9 @@ IN_CONTEXT_LEN = 32  # number of in-context class tokens (paper §4.4 and App. A
 # ---------------------------------------------------------------------------------------------------------------
 # z = t*x + (1-t)*e and v = dz/dt = x - e, so from (z, t) and a prediction of x:  v = (x - z) / (1-t).
 # Dividing by (1-t) blows up at the data end t=1: the official code clamps (1-t) at T_EPS = 0.05, at training AND
-# at sampling, which caps the v-loss weight on x at 1/0.05^2 = 400 and keeps t=1 finite (larger t_eps hurt, much
-# smaller blew up: LTH14/JiT#68). The network's other possible outputs (eps, v) are the ablation: appendix A.
+# at sampling, which caps the v-loss weight on x at 1/0.05^2 = 400 and keeps t=1 finite (the value is not
+# explained; in LTH14/JiT#68 a user saw 2e-2 and 1e-3 blow up on a non-image task). The network's other possible
+# outputs (eps, v) are the ablation: appendix A.
 T_EPS = 0.05                # official --t_eps
 P_MEAN, P_STD = -0.8, 0.8   # logit-normal t: t = sigmoid(N(P_MEAN, P_STD^2)), official --P_mean / --P_std
 LABEL_DROP = 0.1            # probability of replacing the label by the null class (for CFG)
@@ -136,8 +137,8 @@ def sampler_defaults(config, img_size):
 def velocity(model, z, t, y, cfg, interval):
     """v(z, t) for all B images at time t (a python float), with classifier-free guidance v_u + cfg * (v_c - v_u)
     inside the CFG interval (in_cfg_interval); there cond and uncond run as ONE batched forward of 2B.
-    DIFF: the official code always runs both halves and multiplies by a scale of 1 outside the interval; we skip
-    the unconditional half there: the same result, and with Heun-50 and interval (0.1, 1) 187 instead of 198
+    DIFF: the official code always runs both halves, as two forwards, and multiplies by a scale of 1 outside the
+    interval; we batch them, and skip the unconditional half outside the interval: the same result, and with Heun-50 and interval (0.1, 1) 187 instead of 198
     network evaluations per image (99 calls, 88 of them guided): 5.6% fewer."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
@@ -159,7 +160,7 @@ def net_velocity(model, z, t, y):
 def in_cfg_interval(t, interval):
     """The official guidance test, in float32 as the official tensor comparison: t < hi and (lo == 0 or t > lo)
     (official denoiser.py), so interval (0, 1) guides the first step t = 0, and (0.1, 1) does not guide the 50-step
-    grid's t = 5/50, which is float32(0.1)."""
+    grid's t = 5/50, which float32 linspace gives as 0.099999994, below 0.1."""
     t, lo, hi = np.float32(t), np.float32(interval[0]), np.float32(interval[1])
     return bool(t < hi and (lo == 0 or t > lo))
 
@@ -395,12 +396,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):                                            # (B, N, D)
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, hd, N, d)
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, heads, N, d)
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
         # DIFF: LTH14/JiT computes softmax(q k^T) by hand in fp32 (and applies a never-used zero bias); we call
         # F.scaled_dot_product_attention, which runs flash attention in bf16 with an fp32 softmax accumulator:
-        # same math, several times faster, O(N) memory. The author kept fp32 against loss spikes he saw with
+        # same math, faster, O(N) memory. The author kept fp32 against loss spikes he saw with
         # v/eps-prediction (LTH14/JiT#15); with qk-norm the logits are bounded.
         x = F.scaled_dot_product_attention(q, k, v)                           # (B, heads, N, d)
         return self.drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))       # (B, N, D)
@@ -777,7 +778,8 @@ def plot_loss(log, path, size=(720, 360)):
 
 def draw_grid(model, y, noise, step, args, run, bar):
     """RUN/grid_STEP.png: the EMA model's samples (sampler_defaults; --sample-steps, --cfg override it) of fixed noise
-    and labels (column c is class c, so successive grids compare), and RUN/loss.png redrawn."""
+    and labels (image i is class i mod K: with the 8 shapes classes, column c is class c), so successive grids
+    compare, and RUN/loss.png redrawn."""
     t0, path = time.time(), run / f"grid_{step:07d}.png"
     bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
     save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)
@@ -814,7 +816,7 @@ def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, wo
     """RUN/ckpt.pt with everything an exact resume needs, every rank's RNG state included. Written to a temp file,
     then os.replace: a kill mid-write never corrupts it. Non-finite weights are never saved: the run stops and the
     last good file stays. keep (--keep-every): also ckpt_STEP.pt, weights and EMA only, for sample.py and
-    --init-from (LTH14/JiT#42: sweep EMA and steps)."""
+    --init-from (LTH14/JiT#42: the best EMA and CFG differ between 200 and 600 epochs)."""
     tensors = list(raw.state_dict().values()) + list(ema.model.state_dict().values())
     if not torch.stack([torch.isfinite(v).all() for v in tensors if v.is_floating_point()]).all():   # one sync
         raise SystemExit(f"the weights are not finite at step {step}: not saved. {path} holds the last good "
@@ -1299,7 +1301,7 @@ def ablation_loss(model, x, y, num_classes, pred, loss, noise_scale=1.0):
 # then samples are drawn with the ODE sampler and projected back to the plane with P^T for viewing. As D grows past
 # the MLP's width (D = 512 > 256: under-complete) eps- and v-prediction fail, because their targets (noise,
 # velocity) fill all D dimensions, while x-prediction still works: its target lives on a 2-D plane.
-#     python jit.py --toy                    # 4 dims x 3 predictions = 12 small MLPs, about a minute on 2 CPU cores
+#     python jit.py --toy                    # 4 dims x 3 predictions = 12 small MLPs: 55 s on one CPU thread (README)
 # What the paper does not say (our choices, marked "choice:"): the curve, its scale, how t enters the MLP, the
 # optimizer, steps and batch size, the number of samples, and the metric (the paper only shows scatter plots).
 # Shapes in this section: N points, D ambient dimension, d = 2.
@@ -1394,16 +1396,15 @@ def toy_experiment(dims=(2, 8, 16, 512), preds=("x", "eps", "v"), steps=1000, ou
     {(D, pred): mean distance of the generated points to the true curve}. Prints the table (rows D, columns pred)
     and, if `out` is a folder, writes toy_D{D}_{pred}.png there.
     choice (not in the paper): Adam, lr 2e-3 decayed linearly to 0, batch 128, 1000 steps, fresh curve points every
-    step: the budget that trains all 12 models on 2 CPU cores in about a minute. At this budget eps-prediction is
-    still under-trained even at D=2 (0.19; 0.08 after 3000 steps): it learns slowest, its v = (z - e)/t multiplies
-    errors by up to 1/t_eps = 20 at the noise end, where the sampler starts."""
+    step: the budget that trains all 12 models in about a minute on one CPU thread (README). At this budget
+    eps-prediction is still under-trained even at D=2 (0.19; 0.08 after 3000 steps): it learns slowest, its v = (z -
+    e)/t multiplies errors by up to 1/t_eps = 20 at the noise end, where the sampler starts."""
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
     curve = spiral(torch.linspace(0, 1, 4000))                          # (M, 2) dense ground truth, for the metric
     threads = torch.get_num_threads()
-    # One thread for these tiny matmuls: on an idle 2-core machine two threads are ~1.5x faster, but on a busy one
-    # (CI, other jobs) they were 5-10x slower here. Restored at the end.
+    # One thread for these tiny matmuls, as the README's timing; the caller's thread count comes back at the end.
     torch.set_num_threads(1)
     results = {}
     for D in dims:

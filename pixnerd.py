@@ -896,7 +896,8 @@ def plot_loss(log, path, size=(720, 360)):
 
 def draw_grid(model, y, noise, step, args, run, bar):
     """RUN/grid_STEP.png: the EMA model's samples (sampler_defaults; --sample-steps, --cfg override it) of fixed noise
-    and labels (column c is class c, so successive grids compare), and RUN/loss.png redrawn."""
+    and labels (image i is class i mod K: with the 8 shapes classes, column c is class c), so successive grids
+    compare, and RUN/loss.png redrawn."""
     t0, path = time.time(), run / f"grid_{step:07d}.png"
     bar.write(f"step {step}: sampling a grid of {len(y)} images with the EMA weights ...")
     save_grid(sample(model, y, steps=args.sample_steps, cfg=args.cfg, noise=noise), path, nrow=8)
@@ -933,7 +934,7 @@ def save_checkpoint(path, args, raw, ema, opt, step, data_state, num_classes, wo
     """RUN/ckpt.pt with everything an exact resume needs, every rank's RNG state included. Written to a temp file,
     then os.replace: a kill mid-write never corrupts it. Non-finite weights are never saved: the run stops and the
     last good file stays. keep (--keep-every): also ckpt_STEP.pt, weights and EMA only, for sample.py and
-    --init-from (LTH14/JiT#42: sweep EMA and steps)."""
+    --init-from (LTH14/JiT#42: the best EMA and CFG differ between 200 and 600 epochs)."""
     tensors = list(raw.state_dict().values()) + list(ema.model.state_dict().values())
     if not torch.stack([torch.isfinite(v).all() for v in tensors if v.is_floating_point()]).all():   # one sync
         raise SystemExit(f"the weights are not finite at step {step}: not saved. {path} holds the last good "

@@ -812,7 +812,7 @@ def test_jit_cfg_scale_one_is_the_conditional_prediction_and_guidance_is_batched
 def test_jit_cfg_interval_follows_the_official_rule_lower_bound_zero_guides_t0():
     # Official denoiser.py: guided where t < hi and (lo == 0 or t > lo), in float32.
     assert jit.in_cfg_interval(0.0, (0.0, 1.0)) and not jit.in_cfg_interval(0.0, (0.1, 1.0))
-    ts = torch.linspace(0, 1, 51).tolist()                         # the 50-step grid; ts[5] is float32(0.1)
+    ts = torch.linspace(0, 1, 51).tolist()                         # the 50-step grid; ts[5] = 0.099999994 < 0.1
     assert not jit.in_cfg_interval(ts[5], (0.1, 1.0)) and jit.in_cfg_interval(ts[6], (0.1, 1.0))
     assert not jit.in_cfg_interval(1.0, (0.0, 1.0))                # t = 1 is never guided (t < hi)
     fn = lambda z, t, y: z * 0 + (y.float() / 10).view(-1, 1, 1, 1)
