@@ -129,7 +129,7 @@ def test_readme_lists_one_difference_per_diff_note(mod):
     assert len(bullets) == notes, (len(bullets), notes)
 
 
-@pytest.mark.parametrize("mod,steps", [(jit, 300), (pixeldit, 100), (pixnerd, 80)],
+@pytest.mark.parametrize("mod,steps", [(jit, 200), (pixeldit, 100), (pixnerd, 80)],
                          ids=["jit", "pixeldit", "pixnerd"])
 def test_overfits_one_batch(mod, steps):
     """The script's own train_step on one fixed batch of 8 shapes: the loss at least halves (deco.py has its own
