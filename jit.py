@@ -138,8 +138,9 @@ def velocity(model, z, t, y, cfg, interval):
     """v(z, t) for all B images at time t (a python float), with classifier-free guidance v_u + cfg * (v_c - v_u)
     inside the CFG interval (in_cfg_interval); there cond and uncond run as ONE batched forward of 2B.
     DIFF: the official code always runs both halves, as two forwards, and multiplies by a scale of 1 outside the
-    interval; we batch them, and skip the unconditional half outside the interval: the same result, and with Heun-50 and interval (0.1, 1) 187 instead of 198
-    network evaluations per image (99 calls, 88 of them guided): 5.6% fewer."""
+    interval; we batch them, and skip the unconditional half outside the interval: the same result, and with
+    Heun-50 and interval (0.1, 1) 187 instead of 198 network evaluations per image (99 calls, 88 of them guided):
+    5.6% fewer."""
     B = z.shape[0]
     tt = torch.full((B,), t, device=z.device)
     if cfg == 1.0 or not in_cfg_interval(t, interval):
@@ -478,9 +479,11 @@ def unpatchify(x, p):                                       # (B, N, p*p*C) -> (
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
     "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
-               "~2 GB) and put them in data/ffhq128/ (subfolders are fine), or pass --data /path/to/folder",
+               "~2 GB) and put or link them in data/ffhq128/ (subfolders are fine; the ffhq128 defaults follow "
+               "the folder's name)",
     "imagenet": "put the ImageNet-1k train split (one subfolder per class, e.g. data/imagenet/n01440764/*.JPEG) "
-                "in data/imagenet/, or pass --data /path/to/train",
+                "in data/imagenet/, or link it there: ln -s /path/to/train data/imagenet (the imagenet defaults "
+                "follow the folder's name)",
 }
 
 

@@ -674,9 +674,11 @@ def _bcast(t, z):           # (B,) -> (B, 1, ..., 1) with as many dims as z: (B,
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 DATA_HELP = {  # what to do when `--data NAME` is not found in data/NAME
     "ffhq128": "download the FFHQ 128x128 thumbnails (70k PNGs, 'thumbnails128x128' of NVlabs/ffhq-dataset, "
-               "~2 GB) and put them in data/ffhq128/ (subfolders are fine), or pass --data /path/to/folder",
+               "~2 GB) and put or link them in data/ffhq128/ (subfolders are fine; the ffhq128 defaults follow "
+               "the folder's name)",
     "imagenet": "put the ImageNet-1k train split (one subfolder per class, e.g. data/imagenet/n01440764/*.JPEG) "
-                "in data/imagenet/, or pass --data /path/to/train",
+                "in data/imagenet/, or link it there: ln -s /path/to/train data/imagenet (the imagenet defaults "
+                "follow the folder's name)",
 }
 
 

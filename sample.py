@@ -556,7 +556,7 @@ def get_args(argv=None):
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--interval", help="CFG interval in t, 'lo,hi', each script's official rule: jit.py lo < t < hi "
                    "(lo = 0 guides t = 0), pixeldit.py and pixnerd.py lo < t < hi, deco.py lo < t <= hi")
-    p.add_argument("--solver", help="ODE solver: euler or heun (what the script offers)")
+    p.add_argument("--solver", help="ODE solver: euler or heun, ab2 for PixelDiT (what the script offers)")
     # -- outputs
     p.add_argument("--grid", help=f"write the first min(n, {GRID_MAX}) samples as one PNG grid")
     p.add_argument("--nrow", type=int, help="grid columns (default: ceil(sqrt(n)))")
