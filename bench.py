@@ -51,7 +51,7 @@ PAPER_RUNS = [
     ("deco", "DeCo-L/16", 64),
 ]
 # The official LTH14/JiT code, measured by us on one H100 80GB (bf16, batch 128 at 256px, random data on the GPU,
-# its own train step with EMA). Printed next to ours when the GPU is an H100.
+# its own train step with EMA; its sampler: Heun-50 with CFG at batch 128). Printed next to ours on an H100.
 OFFICIAL_H100 = {
     ("jit", "JiT-B/16"): dict(img_per_s=1181, peak_gib=24.9, sample_img_per_s=16.0),
     ("jit", "JiT-L/16"): dict(img_per_s=400, peak_gib=67.3),
@@ -276,7 +276,7 @@ def report(r):
     if official and "H100" in r["machine"] and r["img_size"] == 256 and r["batch_size"] == 128:
         line = f"  official LTH14/JiT on one H100 (measured by us): {official['img_per_s']} img/s, " \
                f"{official['peak_gib']} GiB -> ours {r['img_per_s'] / official['img_per_s']:.2f}x"
-        if "sample_img_per_s" in r and "sample_img_per_s" in official and r["sample_batch"] == 128:
+        if "sample_img_per_s" in official and r.get("sample_batch") == 128 and r["sampler"]["steps"] == 50:
             line += f"; sampler {official['sample_img_per_s']} img/s -> ours " \
                     f"{r['sample_img_per_s'] / official['sample_img_per_s']:.2f}x"
         print(line)
@@ -349,8 +349,8 @@ def get_args(argv=None):
     # -- what to run
     p.add_argument("--script", help="jit, pixnerd, pixeldit or deco (with --all: a comma list to restrict)")
     p.add_argument("--config", help="model config (default: the paper config on CUDA, 'tiny' on CPU)")
-    p.add_argument("--img-size", type=int, help="image side (default 256 on CUDA, 32 on CPU)")
-    p.add_argument("--batch-size", type=int, help="batch (default: the paper run's on CUDA, 4 on CPU)")
+    p.add_argument("--img-size", type=int, help="image side (default 256; one run on a CPU: 32)")
+    p.add_argument("--batch-size", type=int, help="batch (default: the paper run's; one run on a CPU: 4)")
     p.add_argument("--num-classes", type=int, default=1000, help="real classes (ImageNet: 1000)")
     p.add_argument("--data", default="imagenet", help="the script's --data preset whose defaults apply (no "
                    "image is read)")
@@ -373,6 +373,11 @@ def get_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     b = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     b.extra = extra
+    for flag in ("img_size", "batch_size", "num_classes", "steps", "sample_batch", "sample_steps", "sample_reps"):
+        if getattr(b, flag) is not None and getattr(b, flag) <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(b, flag)}: must be a positive whole number.")
+    if b.warmup is not None and b.warmup < 0:
+        raise SystemExit(f"--warmup {b.warmup}: must be 0 or more.")
     cuda = (b.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit(f"--device {b.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu.")

@@ -3,8 +3,9 @@ sample.py: sample and evaluate a checkpoint of any of our four scripts (jit.py, 
 
 The checkpoint's `script` field says which script made it; we import that script, rebuild the model with its own
 `create_model`, load the EMA weights (or --weights raw) and call its own `sample()` with the paper's default sampler
-(`sampler_defaults`), each setting overridable. Every sample i starts from its own noise, seeded by (--seed, i), so
-the same sample comes out whatever the batch size, the number of GPUs, or how often the run was interrupted.
+(`sampler_defaults`); --steps, --cfg, --interval and --solver override it. Every sample i starts from its own noise,
+seeded by (--seed, i), so the same sample comes out whatever the batch size, the number of GPUs, or how often the
+run was interrupted.
 
 Time convention (all our scripts): z_t = t*x + (1-t)*e, t=0 noise, t=1 data.
 Shapes: B batch, H=W image size, N number of samples, F=2048 Inception features.
@@ -192,8 +193,9 @@ def save_png(img, path):
 
 def save_npz(images, path):
     """uint8 (N, H, W, 3) as `arr_0` of an .npz: the sample batch format of the ADM evaluation suite
-    (openai/guided-diffusion evaluations/evaluator.py), which all four papers report FID with. `images` is any
-    sequence of (H, W, 3) arrays; they go through a memory-mapped .npy so 50k 512px samples (39 GB) need no RAM."""
+    (openai/guided-diffusion evaluations/evaluator.py), which PixelDiT, PixNerd and DeCo report FID with (JiT: LTH14's
+    torch-fidelity fork). `images` is any sequence of (H, W, 3) arrays; they go through a memory-mapped .npy, so with
+    --outdir (the samples read back from its PNGs) 50k 512px samples (39 GB) need no RAM."""
     first = np.asarray(images[0])
     tmp = Path(str(path) + ".npy.tmp")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), *first.shape))
@@ -205,9 +207,10 @@ def save_npz(images, path):
 
 
 def center_crop_arr(img, size):
-    """ADM center crop (guided-diffusion, used by all four papers): halve with a box filter while the short side is
-    >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL image -> (size, size, 3) uint8.
-    A copy of the scripts' center_crop_arr (a test checks they agree): FID references get the training crop."""
+    """ADM center crop (guided-diffusion's, as in the official JiT, PixNerd and DeCo loaders): halve with a box
+    filter while the short side is >= 2*size, bicubic-resize the short side to `size`, take the center crop. PIL
+    image -> (size, size, 3) uint8. A copy of the scripts' center_crop_arr (a test checks they agree): FID
+    references get the training crop."""
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(*img.size)
@@ -504,7 +507,12 @@ def reference_stats(ref, net, size, batch_size, num_workers):
     if ref.suffix == ".npz":
         if not ref.is_file():
             raise SystemExit(f"--fid {ref}: no such file.")
-        with np.load(ref) as f:
+        try:
+            f = np.load(ref)
+        except Exception as err:                                 # not a zip, pickled objects, truncated
+            raise SystemExit(f"--fid {ref}: not a readable .npz ({type(err).__name__}); pass statistics saved by "
+                             "--save-stats, pytorch-fid or the ADM suite, or a folder of images.") from None
+        with f:
             # Statistics first: an ADM reference batch (VIRTUAL_imagenet256_labeled.npz) holds mu/sigma of the WHOLE
             # dataset plus only 10k images (for precision/recall); FID against those 10k would be biased upwards.
             # Its mu/sigma come from the ADM suite's TF run of the same Inception graph (pytorch-fid's weights are a
@@ -514,14 +522,16 @@ def reference_stats(ref, net, size, batch_size, num_workers):
                 return f["mu"], f["sigma"], n, f"{ref} (statistics of {n or 'an unrecorded number of'} images)"
             if "arr_0" in f.files:                               # a sample batch: uint8 (N, H, W, 3)
                 arr = f["arr_0"]
+                if len(arr) < 2:
+                    raise SystemExit(f"--fid {ref}: {len(arr)} image(s) in arr_0; FID needs at least 2.")
                 return (*inception_stats(Images(array=arr), net, batch_size, 0, "reference"), len(arr),
                         f"{ref} ({len(arr)} images, arr_0)")
         raise SystemExit(f"--fid {ref}: an .npz with neither 'mu'/'sigma' nor 'arr_0'.")
     if not ref.is_dir():
         raise SystemExit(f"--fid {ref}: neither a folder of images nor an .npz.")
     files = image_files(ref)
-    if not files:
-        raise SystemExit(f"--fid {ref}: no images (png/jpg/...) in that folder.")
+    if len(files) < 2:
+        raise SystemExit(f"--fid {ref}: {len(files)} images (png/jpg/...) in that folder; FID needs at least 2.")
     if size is None:                                # no samples to match: the first image's short side
         with Image.open(files[0]) as img:
             size = min(img.size)
@@ -559,7 +569,7 @@ def get_args(argv=None):
     p.add_argument("--solver", help="ODE solver: euler or heun, ab2 for PixelDiT (what the script offers)")
     # -- outputs
     p.add_argument("--grid", help=f"write the first min(n, {GRID_MAX}) samples as one PNG grid")
-    p.add_argument("--nrow", type=int, help="grid columns (default: ceil(sqrt(n)))")
+    p.add_argument("--nrow", type=int, help="grid columns (default: ceil(sqrt) of the grid's sample count)")
     p.add_argument("--outdir", help="one PNG per sample, 000000.png...; a rerun skips those already there")
     p.add_argument("--npz", help="uint8 (n, H, W, 3) arr_0 archive for the ADM evaluation suite")
     # -- FID
@@ -576,8 +586,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.n <= 0:
         raise SystemExit(f"--n {args.n}: the number of samples must be positive.")
-    if args.batch_size <= 0:
-        raise SystemExit(f"--batch-size {args.batch_size} must be positive.")
+    for flag in ("batch_size", "steps", "nrow"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number.")
+    if args.fid and args.ckpt and args.n < 2:
+        raise SystemExit(f"--fid with --n {args.n}: FID needs at least 2 samples (a covariance); pass a larger --n.")
+    for flag in ("npz", "save_stats"):                 # np.savez adds .npz to a name without it: say the real name
+        if getattr(args, flag) and not getattr(args, flag).endswith(".npz"):
+            setattr(args, flag, getattr(args, flag) + ".npz")
     if args.save_stats and not args.fid:
         raise SystemExit("--save-stats FILE saves the statistics of --fid REF: pass both.")
     if args.official and (args.ckpt or not (args.script and args.config)):
@@ -737,6 +753,7 @@ def main(argv=None):
         mu_r, sigma_r, n_ref, ref_desc = reference_stats(args.fid, net, size, args.batch_size, args.num_workers)
         result["reference"] = ref_desc
         if args.save_stats:
+            Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
             np.savez(args.save_stats, mu=mu_r, sigma=sigma_r, n=n_ref)   # pytorch-fid's keys, plus n
             print(f"statistics of {ref_desc} -> {args.save_stats}")
         if samples is not None:

@@ -2554,6 +2554,11 @@ def test_sample_clear_errors(runs, tmp_path, monkeypatch):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(SystemExit, match="not a checkpoint of our scripts"):
         sample.main([str(tmp_path / "foreign.pt"), "--grid", "g.png"])
+    for flag, value in (("--steps", "0"), ("--steps", "-3"), ("--nrow", "-1")):   # not the default silently
+        with pytest.raises(SystemExit, match=f"^{flag} {value}: must be a positive whole number"):
+            sample.main([ckpt, "--grid", "g.png", flag, value])
+    with pytest.raises(SystemExit, match="FID needs at least 2 samples"):          # one sample: no covariance
+        sample.main([ckpt, "--n", "1", "--fid", str(tmp_path)])
     monkeypatch.setattr(sample, "__file__", str(tmp_path / "sample.py"))           # a checkout without jit.py
     with pytest.raises(SystemExit, match="jit.py is missing"):
         sample.main([ckpt, "--grid", "g.png"])
@@ -2738,6 +2743,17 @@ def test_sample_fid_end_to_end(runs, inception_file, tmp_path, monkeypatch):
     mu_s2, sig_s2, mu_r2, sig_r2 = calls[1]
     assert np.allclose(mu_s2, mu_r2, rtol=1e-5, atol=1e-9) and np.allclose(sig_s2, sig_r2, rtol=1e-4, atol=1e-12)
     assert np.allclose(mu_s, mu_s2, rtol=1e-5, atol=1e-9)                      # same seed: same samples
+    # --save-stats into a folder not made yet, its name without .npz: written as np.savez names it, and said so
+    res = sample.main(["--fid", str(tmp_path / "s.npz"), "--save-stats", str(tmp_path / "new" / "st"),
+                       "--inception-weights", str(inception_file)])
+    assert (tmp_path / "new" / "st.npz").is_file() and res["fid"] is None
+    # a reference of one image, or a file that is no .npz: one line each
+    (tmp_path / "one").mkdir()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "one" / "0.png")
+    (tmp_path / "bad.npz").write_text("not an npz")
+    for ref, message in (("one", "1 images .* FID needs at least 2"), ("bad.npz", "not a readable .npz")):
+        with pytest.raises(SystemExit, match=message):
+            sample.main(common + ["--fid", str(tmp_path / ref)])
 
 
 # =================================================================================================================
@@ -2850,3 +2866,6 @@ def test_bench_clear_errors():
         bench.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="needs a GPU"):
         bench.main(["--all", "--device", "cpu"])
+    for flag, value in (("--sample-reps", "0"), ("--steps", "0"), ("--batch-size", "-1")):   # not 2 or 4 silently
+        with pytest.raises(SystemExit, match=f"^{flag} {value}: must be a positive whole number"):
+            bench.main(["--script", "jit", "--device", "cpu", flag, value])
