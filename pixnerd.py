@@ -1160,7 +1160,7 @@ DATA_PRESETS = {
 # imagenet's 800k steps of 256: ~160 epochs of ImageNet's 1.28M images, Tab. 2's "Epochs 160" (800k: not in the paper).
 # `--data shapes` with no GPU (and no --config / --img-size): PixNerd-T at 32px, 1000 steps of 32 images, 4.4 min on
 # our 2-core CPU, to a grid whose columns follow their classes (README "No GPU?"). lr 4e-3: ours, for this short run.
-# 50-step grids (half the paper's 100, Tab. 2). No loader worker: the shapes are drawn in the training process, and
+# 50-step grids (half the official 100). No loader worker: the shapes are drawn in the training process, and
 # torch keeps both cores.
 LAPTOP_PRESET = dict(img_size=32, config="PixNerd-T", batch_size=32, steps=1000, lr=4e-3,
                      sample_every=500, sample_steps=50, ckpt_every=500, log_every=50, num_workers=0)
