@@ -589,7 +589,7 @@ def get_args(argv=None):
     for flag in ("batch_size", "steps", "nrow"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive whole number.")
-    if args.fid and args.ckpt and args.n < 2:
+    if args.fid and (args.ckpt or args.official) and args.n < 2:
         raise SystemExit(f"--fid with --n {args.n}: FID needs at least 2 samples (a covariance); pass a larger --n.")
     for flag in ("npz", "save_stats"):                 # np.savez adds .npz to a name without it: say the real name
         if getattr(args, flag) and not getattr(args, flag).endswith(".npz"):
